@@ -1,0 +1,118 @@
+"""The one order-book model: pure, in memory, no I/O. Dagster checks, replay and the live service share it.
+
+It consumes canonical events (open / fill / cancel) in chain order. Each event first removes the order's
+current contribution to its price level and then adds the new one, so the book is correct whatever the
+contract's event order inside a transaction (generation 2 emits a market order's fills before its
+OrderPlaced). Only limit orders rest; a market order's remainder never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+BUY, SELL = 0, 1
+MARKET = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BookEvent:
+    kind: str  # open | fill | cancel (other kinds are ignored)
+    order_id: str
+    side: int | None = None
+    order_type: int | None = None
+    price: int | None = None
+    quantity: int | None = None
+
+
+@dataclass(slots=True)
+class _Order:
+    side: int | None = None
+    price: int | None = None
+    quantity: int | None = None
+    is_limit: bool = False
+    filled: int = 0
+    cancelled: bool = False
+
+    @property
+    def resting(self) -> int:
+        if not self.is_limit or self.cancelled or self.quantity is None or self.price is None:
+            return 0
+        return max(0, self.quantity - self.filled)
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    price: int
+    quantity: int
+    orders: int
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be applied (e.g. an open without side/price/quantity)."""
+
+
+@dataclass
+class Book:
+    orders: dict[str, _Order] = field(default_factory=dict)
+    _qty: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
+    _count: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
+
+    def apply(self, ev: BookEvent) -> None:
+        if ev.kind not in ("open", "fill", "cancel"):
+            return
+        o = self.orders.get(ev.order_id)
+        if o is None:
+            o = self.orders[ev.order_id] = _Order()
+        self._contribute(o, -1)
+        if ev.kind == "open":
+            if ev.side not in (BUY, SELL) or ev.price is None or ev.quantity is None:
+                raise InvalidEvent(f"open of {ev.order_id} lacks side/price/quantity")
+            o.side, o.price, o.quantity = ev.side, ev.price, ev.quantity
+            o.is_limit = ev.order_type != MARKET and ev.price > 0
+        elif ev.kind == "fill":
+            if ev.quantity is None or ev.quantity < 0:
+                raise InvalidEvent(f"fill of {ev.order_id} has no valid quantity")
+            o.filled += ev.quantity
+        else:
+            o.cancelled = True
+        self._contribute(o, +1)
+        if o.quantity is not None and (o.cancelled or o.filled >= o.quantity):
+            del self.orders[ev.order_id]  # terminal: keep memory bounded to live orders
+
+    def _contribute(self, o: _Order, sign: int) -> None:
+        r = o.resting
+        if r == 0 or o.side is None or o.price is None:
+            return
+        qty, cnt = self._qty[o.side], self._count[o.side]
+        q = qty.get(o.price, 0) + sign * r
+        c = cnt.get(o.price, 0) + sign
+        if c == 0:
+            qty.pop(o.price, None)
+            cnt.pop(o.price, None)
+        else:
+            qty[o.price], cnt[o.price] = q, c
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def levels(self, side: int, n: int) -> list[Level]:
+        qty, cnt = self._qty[side], self._count[side]
+        prices = sorted(qty, reverse=(side == BUY))[:n]
+        return [Level(p, qty[p], cnt[p]) for p in prices]
+
+    def best(self, side: int) -> int | None:
+        qty = self._qty[side]
+        if not qty:
+            return None
+        return max(qty) if side == BUY else min(qty)
+
+    def resting(self, order_id: str) -> int:
+        o = self.orders.get(order_id)
+        return o.resting if o else 0
+
+    def state_hash(self) -> str:
+        """Deterministic digest of the visible book (levels), for replay comparisons."""
+        h = hashlib.sha256()
+        for side in (BUY, SELL):
+            for p in sorted(self._qty[side]):
+                h.update(f"{side}:{p}:{self._qty[side][p]}:{self._count[side][p]};".encode())
+        return h.hexdigest()

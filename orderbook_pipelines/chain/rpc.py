@@ -1,0 +1,208 @@
+"""The one RPC client: raw JSON-RPC through web3's HTTP provider, retries with backoff, adaptive getLogs.
+
+Raw dicts (hex strings) are kept instead of web3's AttributeDicts: decoding is ours and the conversion cost
+matters at a million logs. Providers refuse large log queries in different words; every such answer
+shrinks the window (halving), and success grows it back, so a backfill neither stalls nor hammers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from web3 import Web3
+from web3.providers.rpc import HTTPProvider
+
+log = logging.getLogger(__name__)
+
+# Phrases providers use when a log query is too large or too slow (Alchemy, Infura, QuickNode, geth, erigon…).
+_TOO_LARGE = (
+    "too many results",
+    "query returned more than",
+    "more than 10000 results",
+    "log response size exceeded",
+    "response size",
+    "limit exceeded",
+    "block range",
+    "range is too large",
+    "timeout",
+    "timed out",
+)
+_ADDRESS_CHUNK = 500
+
+
+class RpcError(RuntimeError):
+    """An RPC call failed for good (after retries), with the method and the provider's words."""
+
+
+class TransientRpcError(RpcError):
+    """Worth retrying: connection trouble, 429/5xx, rate limits."""
+
+
+class RangeTooLarge(RpcError):
+    """The provider refused a getLogs window as too large; the caller splits it."""
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    number: int
+    hash: str
+    parent_hash: str
+    timestamp: int
+
+
+def _is_too_large(message: str) -> bool:
+    m = message.lower()
+    return any(p in m for p in _TOO_LARGE)
+
+
+class ChainClient:
+    def __init__(self, rpc_url: str, timeout_s: float = 20.0, retries: int = 5, max_logs_range: int = 2000,
+                 backoff_max_s: float = 8.0):
+        self.rpc_url = rpc_url
+        self.retries = retries
+        self.backoff_max_s = backoff_max_s
+        self.max_logs_range = max_logs_range
+        self.logs_window = max_logs_range
+        self.stats = {"rpc_calls": 0, "rpc_errors": 0, "range_splits": 0}
+        self.w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s},
+                                    exception_retry_configuration=None))
+
+    # -- transport -----------------------------------------------------------------------------------------
+    def _once(self, method: str, params: list[Any]) -> Any:
+        self.stats["rpc_calls"] += 1
+        try:
+            resp = self.w3.provider.make_request(method, params)  # type: ignore[arg-type]
+        except requests.HTTPError as exc:
+            self.stats["rpc_errors"] += 1
+            status = exc.response.status_code if exc.response is not None else 0
+            body = exc.response.text[:300] if exc.response is not None else ""
+            if method == "eth_getLogs" and _is_too_large(body):
+                raise RangeTooLarge(f"{method}: HTTP {status}: {body}") from exc
+            if status == 429 or status >= 500:
+                raise TransientRpcError(f"{method}: HTTP {status}: {body}") from exc
+            raise RpcError(f"{method}: HTTP {status}: {body}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            self.stats["rpc_errors"] += 1
+            if method == "eth_getLogs" and isinstance(exc, requests.Timeout):
+                raise RangeTooLarge(f"{method}: timed out") from exc
+            raise TransientRpcError(f"{method}: {type(exc).__name__}: {exc}") from exc
+        if "error" in resp and resp["error"]:
+            self.stats["rpc_errors"] += 1
+            err = resp["error"]
+            msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            code = err.get("code") if isinstance(err, dict) else None
+            if method == "eth_getLogs" and (_is_too_large(msg) or code == -32005):
+                raise RangeTooLarge(f"{method}: {msg}")
+            if code in (-32005, -32603, 429) or "rate limit" in msg.lower():
+                raise TransientRpcError(f"{method}: {msg} (code {code})")
+            raise RpcError(f"{method}: {msg} (code {code})")
+        if "result" not in resp:
+            raise RpcError(f"{method}: response without result: {str(resp)[:200]}")
+        return resp["result"]
+
+    def call(self, method: str, params: list[Any]) -> Any:
+        """One JSON-RPC call, retried with exponential backoff on transient failures."""
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception_type(TransientRpcError),
+                stop=stop_after_attempt(self.retries + 1),
+                wait=wait_exponential_jitter(multiplier=0.1, max=self.backoff_max_s),
+                reraise=False,
+            ):
+                with attempt:
+                    return self._once(method, params)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise RpcError(f"{method} failed after {self.retries + 1} attempts: {last}") from last
+        raise AssertionError("unreachable")
+
+    # -- chain ---------------------------------------------------------------------------------------------
+    def chain_id(self) -> int:
+        return int(self.call("eth_chainId", []), 16)
+
+    def block_number(self) -> int:
+        return int(self.call("eth_blockNumber", []), 16)
+
+    def header(self, block: int | str) -> BlockHeader:
+        tag = hex(block) if isinstance(block, int) else block
+        raw = self.call("eth_getBlockByNumber", [tag, False])
+        if raw is None:
+            raise RpcError(f"block {block} not found")
+        return _header(raw)
+
+    def headers(self, numbers: list[int]) -> dict[int, BlockHeader]:
+        """Headers of many blocks; batched JSON-RPC when the provider allows, else one by one."""
+        out: dict[int, BlockHeader] = {}
+        todo = sorted(set(numbers))
+        for i in range(0, len(todo), 200):
+            chunk = todo[i : i + 200]
+            try:
+                self.stats["rpc_calls"] += 1
+                results = self.w3.provider.make_batch_request(
+                    [("eth_getBlockByNumber", [hex(n), False]) for n in chunk]  # type: ignore[misc]
+                )
+                if not isinstance(results, list):
+                    raise TypeError("batch answered with a single error")
+                for n, r in zip(chunk, results, strict=True):
+                    if r.get("error") or r.get("result") is None:
+                        raise TypeError(f"batch item {n}: {r.get('error')}")
+                    out[n] = _header(r["result"])
+            except (TypeError, ValueError, requests.RequestException):
+                for n in chunk:
+                    out[n] = self.header(n)
+        return out
+
+    def safe_head(self, finality: str, confirmations: int) -> int:
+        """Highest block that counts as final: head - confirmations, or the `finalized` tag."""
+        if finality == "finalized":
+            return self.header("finalized").number
+        return max(-1, self.block_number() - confirmations)
+
+    def get_logs(self, from_block: int, to_block: int, addresses: list[str]) -> list[dict]:
+        """All logs of `addresses` in [from_block, to_block], in chain order, whatever the provider's limits."""
+        logs: list[dict] = []
+        for chunk_start in range(0, len(addresses), _ADDRESS_CHUNK):
+            chunk = addresses[chunk_start : chunk_start + _ADDRESS_CHUNK]
+            for part in self._iter_logs(from_block, to_block, chunk):
+                logs.extend(part)
+        if len(addresses) > _ADDRESS_CHUNK:
+            logs.sort(key=lambda lg: (int(lg["blockNumber"], 16), int(lg["logIndex"], 16)))
+        return logs
+
+    def _iter_logs(self, start: int, end: int, addresses: list[str]) -> Iterator[list[dict]]:
+        cur = start
+        while cur <= end:
+            hi = min(end, cur + self.logs_window - 1)
+            try:
+                part = self.call("eth_getLogs", [{"fromBlock": hex(cur), "toBlock": hex(hi), "address": addresses}])
+            except RangeTooLarge as exc:
+                if hi == cur:
+                    raise RpcError(f"eth_getLogs refuses even a single block ({cur}): {exc}") from exc
+                self.stats["range_splits"] += 1
+                self.logs_window = max(1, (hi - cur + 1) // 2)
+                log.info("getLogs window shrunk to %d blocks after: %s", self.logs_window, exc)
+                continue
+            yield part
+            cur = hi + 1
+            if self.logs_window < self.max_logs_range:
+                self.logs_window = min(self.max_logs_range, self.logs_window * 2)
+
+
+def _header(raw: dict) -> BlockHeader:
+    return BlockHeader(
+        number=int(raw["number"], 16),
+        hash=raw["hash"].lower(),
+        parent_hash=raw["parentHash"].lower(),
+        timestamp=int(raw["timestamp"], 16),
+    )

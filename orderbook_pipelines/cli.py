@@ -1,0 +1,157 @@
+"""`orderbook` command line: database setup, dev chain, manual ingestion and the market registry."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from orderbook_pipelines.config import ConfigError, EnvSettings, Market, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+db_app = typer.Typer(no_args_is_help=True, help="Database: create and migrate.")
+dev_app = typer.Typer(no_args_is_help=True, help="Local dev chain: deploy reference contracts, simulate flow.")
+markets_app = typer.Typer(no_args_is_help=True, help="Market registry.")
+app.add_typer(db_app, name="db")
+app.add_typer(dev_app, name="devchain")
+app.add_typer(markets_app, name="markets")
+
+GEN1_MARKETS = ["SILVER_V1", "GOLD_V1", "COPPER_V1", "OIL_WTI_V1", "GAS_HH_V1", "CORN_V1", "WHEAT_V1", "BTC_HASH_V1"]
+GEN2_MARKETS = ["ALUMINUM_V1", "NICKEL_V1", "ZINC_V1", "LITHIUM_V1"]
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@db_app.command("init")
+def db_init() -> None:
+    """Create the database named in DATABASE_URL if missing, then apply pending migrations."""
+    from orderbook_pipelines.storage.db import ensure_database, migrate
+
+    url = EnvSettings().database_url
+    created = ensure_database(url)
+    applied = migrate(url)
+    typer.echo(f"database {'created' if created else 'exists'}; migrations applied: {applied or 'none pending'}")
+
+
+@dev_app.command("deploy")
+def devchain_deploy(rpc_url: str = typer.Option("http://127.0.0.1:8545"),
+                    config_out: Path = typer.Option(Path(".run/devchain.yaml")),
+                    gen1: int = typer.Option(8, min=0, max=len(GEN1_MARKETS)),
+                    gen2: int = typer.Option(4, min=0, max=len(GEN2_MARKETS)),
+                    confirmations: int = typer.Option(2, min=0),
+                    range_size: int = typer.Option(100, min=1)) -> None:
+    """Deploy router + books and write the indexer configuration for them."""
+    from orderbook_pipelines.devchain.deploy import deploy, project_config, write_config
+
+    dep = deploy(rpc_url, GEN1_MARKETS[:gen1], GEN2_MARKETS[:gen2])
+    write_config(project_config(dep, confirmations, range_size), config_out)
+    typer.echo(f"deployed router {dep.router}, {gen1} gen-1 and {gen2} gen-2 markets from block "
+               f"{dep.start_block}; config written to {config_out}")
+
+
+@dev_app.command("up")
+def devchain_up(rpc_url: str = typer.Option("http://127.0.0.1:8545"),
+                config_out: Path = typer.Option(Path(".run/devchain.yaml")),
+                rate: float = typer.Option(5.0, min=0.1, help="orders per second"),
+                seed: int = typer.Option(7)) -> None:
+    """Deploy, write the config, then simulate order flow until interrupted."""
+    from orderbook_pipelines.devchain.deploy import deploy, project_config, write_config
+    from orderbook_pipelines.devchain.simulator import Simulator
+
+    dep = deploy(rpc_url, GEN1_MARKETS, GEN2_MARKETS)
+    write_config(project_config(dep), config_out)
+    typer.echo(f"deployed; config at {config_out}; simulating {rate}/s (seed {seed})")
+    from orderbook_pipelines.devchain.deploy import wait_for_chain
+
+    sim = Simulator(wait_for_chain(rpc_url), dep, seed=seed)
+    sim.run_forever(rate, report=lambda s: typer.echo(
+        f"sim: sent={s.sent} limit={s.limit} market={s.market} cancels={s.cancels} reverted={s.reverted}"))
+
+
+@app.command("wait-config")
+def wait_config(path: Path, timeout: float = typer.Option(120.0)) -> None:
+    """Block until the configuration file exists and validates (used by the Procfile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            try:
+                load_config(path)
+                return
+            except ConfigError:
+                pass
+        if time.monotonic() > deadline:
+            _fail(f"{path} did not appear (or is invalid) within {timeout:.0f}s; is the `sim` process running?")
+        time.sleep(0.5)
+
+
+@app.command("ingest")
+def ingest(start: int = typer.Option(..., "--from", min=0), end: int = typer.Option(..., "--to", min=0)) -> None:
+    """Ingest and project [from, to] outside Dagster, range by range (same code path as the assets)."""
+    from orderbook_pipelines.chain.rpc import ChainClient
+    from orderbook_pipelines.ingest import ingest_range, project_range
+    from orderbook_pipelines.partitions import ranges_up_to
+    from orderbook_pipelines.storage.db import engine_for, migrate
+
+    cfg = _config()
+    env = EnvSettings()
+    migrate(env.database_url)
+    engine = engine_for(env.database_url)
+    c = cfg.chain
+    client = ChainClient(c.rpc_url, c.rpc_timeout_s, c.rpc_retries, c.max_logs_range)
+    for a, b in ranges_up_to(c.start_block, c.range_size, end):
+        if b < start:
+            continue
+        r = ingest_range(cfg, client, engine, a, b)
+        p = project_range(engine, c.chain_id, a, b)
+        typer.echo(f"{a}-{r.processed_to}: {r.events} events ({r.events_inserted} new), {r.rejected} rejected, "
+                   f"{p['orders']} orders changed")
+        if not r.complete:
+            break
+
+
+@markets_app.command("list")
+def markets_list() -> None:
+    from sqlalchemy import text
+
+    from orderbook_pipelines.storage.db import engine_for
+
+    with engine_for(EnvSettings().database_url).connect() as conn:
+        for r in conn.execute(text("SELECT market_id, metric_id, address, source, decimals, status "
+                                   "FROM markets ORDER BY market_id")):
+            typer.echo(f"{r.market_id}\t{r.metric_id or '-'}\t{r.address or '-'}\t{r.source}\t{r.decimals}\t{r.status}")
+
+
+@markets_app.command("register")
+def markets_register(metric_id: str, source: str, address: str | None = typer.Option(None),
+                     decimals: int = typer.Option(18), status: str = typer.Option("active")) -> None:
+    """Name a market (or adopt a discovered `unregistered` hash) without a code change."""
+    from pydantic import ValidationError
+
+    from orderbook_pipelines.storage.db import engine_for
+    from orderbook_pipelines.storage.registry import upsert_market
+
+    cfg = _config()
+    try:
+        m = Market(metric_id=metric_id, source=source, address=address, decimals=decimals, status=status)
+        cfg.source(source)
+    except (ValidationError, KeyError) as exc:
+        _fail(f"invalid market: {exc}")
+    with engine_for(EnvSettings().database_url).begin() as conn:
+        n = upsert_market(conn, cfg.chain.chain_id, m)
+    typer.echo(f"market {metric_id}: {'registered' if n else 'unchanged'}")
+
+
+def _config():  # type: ignore[no-untyped-def]
+    try:
+        return load_config()
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    sys.exit(app())

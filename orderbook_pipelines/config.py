@@ -1,0 +1,265 @@
+"""Project configuration: one YAML file (contracts, ABIs, event mapping, markets) plus environment overrides.
+
+Contracts are not ours and have shipped in several generations, so every address, ABI and the mapping from a
+contract's event to our canonical event kinds comes from here, never from code. Validation happens once, at
+start, and produces one readable message listing every problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from eth_utils import is_address, keccak, to_checksum_address
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Raised with a human-readable list of every configuration problem."""
+
+
+class EventKind(StrEnum):
+    """Canonical event kinds every contract generation is mapped onto."""
+
+    OPEN = "open"
+    FILL = "fill"
+    CANCEL = "cancel"
+    TRADE = "trade"
+    BOOK_ADD = "book_add"
+    BOOK_REMOVE = "book_remove"
+
+
+CANONICAL_FIELDS = (
+    "order_id",
+    "trader",
+    "counterparty",
+    "side",
+    "order_type",
+    "price",
+    "quantity",
+    "buy_order_id",
+    "sell_order_id",
+    "buyer",
+    "seller",
+)
+
+_FIELDS_REQUIRED: dict[EventKind, tuple[str, ...]] = {
+    EventKind.OPEN: ("order_id", "trader", "side", "price", "quantity"),
+    EventKind.FILL: ("order_id", "quantity", "price"),
+    EventKind.CANCEL: ("order_id",),
+    EventKind.TRADE: ("buyer", "seller", "price", "quantity"),
+    EventKind.BOOK_ADD: ("order_id", "price", "side", "quantity"),
+    EventKind.BOOK_REMOVE: ("order_id",),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EventMapping(Strict):
+    """How one ABI event maps onto a canonical kind.
+
+    `fields` maps canonical field -> ABI argument name. `market` says how the market is found:
+    `emitter` (the log's address is the market's contract), `metric_hash:<arg>` (an indexed string holding
+    keccak(metricId)) or `tx` (taken from another log of the same transaction).
+    """
+
+    kind: EventKind
+    fields: dict[str, str]
+    market: str = "emitter"
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(CANONICAL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown canonical field(s) {unknown}; allowed: {list(CANONICAL_FIELDS)}")
+        return v
+
+    @field_validator("market")
+    @classmethod
+    def _market_rule(cls, v: str) -> str:
+        if v in ("emitter", "tx") or (v.startswith("metric_hash:") and len(v) > len("metric_hash:")):
+            return v
+        raise ValueError("market must be 'emitter', 'tx' or 'metric_hash:<indexed string argument>'")
+
+    @model_validator(mode="after")
+    def _required_fields(self) -> EventMapping:
+        missing = [f for f in _FIELDS_REQUIRED[self.kind] if f not in self.fields]
+        if missing:
+            raise ValueError(f"kind {self.kind.value!r} needs field(s) {missing}")
+        return self
+
+
+Address = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]
+
+
+class Source(Strict):
+    """One contract shape: an ABI, the contracts that speak it, and its event mapping.
+
+    `addresses: markets` means "every registered market of this source" (one contract per market).
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
+    abi: Path
+    addresses: list[Address] | Literal["markets"]
+    events: dict[str, EventMapping]
+
+    @cached_property
+    def abi_entries(self) -> list[dict]:
+        return load_abi(self.abi)
+
+
+class Market(Strict):
+    metric_id: str = Field(pattern=r"^[A-Z0-9_]{3,100}$")
+    source: str
+    address: Address | None = None
+    decimals: int = Field(default=18, ge=0, le=36)
+    status: Literal["canary", "active", "paused"] = "active"
+
+    @property
+    def metric_hash(self) -> str:
+        return "0x" + keccak(text=self.metric_id).hex()
+
+
+class Chain(Strict):
+    rpc_url: str = "http://127.0.0.1:8545"
+    chain_id: int = Field(default=31337, gt=0)
+    start_block: int = Field(default=0, ge=0)
+    finality: Literal["depth", "finalized"] = "depth"
+    confirmations: int = Field(default=12, ge=0, le=10_000)
+    range_size: int = Field(default=1000, ge=1, le=1_000_000)
+    max_logs_range: int = Field(default=2000, ge=1)
+    rpc_timeout_s: float = Field(default=20.0, gt=0)
+    rpc_retries: int = Field(default=5, ge=0, le=50)
+    tip_interval_blocks: int = Field(default=50, ge=1)
+
+
+class ProjectConfig(Strict):
+    chain: Chain = Chain()
+    sources: list[Source]
+    markets: list[Market] = []
+    order_events_partition_blocks: int = Field(default=1_000_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ProjectConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        for m in self.markets:
+            if m.source not in names:
+                raise ValueError(f"market {m.metric_id} names unknown source {m.source!r}; known: {names}")
+        for s in self.sources:
+            abi_events = {e["name"] for e in s.abi_entries if e.get("type") == "event"}
+            for ev in s.events:
+                if ev not in abi_events:
+                    raise ValueError(f"source {s.name}: event {ev!r} is not in ABI {s.abi} ({sorted(abi_events)})")
+            if s.addresses == "markets":
+                for m in self.markets:
+                    if m.source == s.name and m.address is None:
+                        raise ValueError(f"market {m.metric_id} of source {s.name} needs an address")
+        ids = [m.metric_id for m in self.markets]
+        if len(set(ids)) != len(ids):
+            raise ValueError("market metric_ids must be unique")
+        return self
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def load_abi(path: Path) -> list[dict]:
+    """Accept a bare ABI list or a build artifact with an `abi` key."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"ABI file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ABI file {path} is not JSON: {exc}") from exc
+    abi = doc["abi"] if isinstance(doc, dict) and "abi" in doc else doc
+    if not isinstance(abi, list):
+        raise ValueError(f"ABI file {path} holds neither an ABI list nor an artifact with 'abi'")
+    return abi
+
+
+class EnvSettings(BaseSettings):
+    """Process-level settings; secrets live only here (environment or a secrets file)."""
+
+    model_config = SettingsConfigDict(env_prefix="OBP_", extra="ignore")
+
+    config: Path = PROJECT_ROOT / "config" / "devchain.yaml"
+    database_url: str = Field(
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/orderbook",
+        validation_alias="DATABASE_URL",
+    )
+    rpc_url: str | None = None
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    for src in raw.get("sources", []) or []:
+        if isinstance(src, dict) and "abi" in src and not Path(src["abi"]).is_absolute():
+            candidate = base / src["abi"]
+            src["abi"] = str(candidate if candidate.exists() else PROJECT_ROOT / src["abi"])
+    return raw
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  - {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, origin: str = "<dict>", base: Path | None = None) -> ProjectConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration in {origin}: expected a mapping at the top level")
+    raw = _resolve_paths(dict(raw), base or PROJECT_ROOT)
+    try:
+        cfg = ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None
+    except ValueError as exc:  # ABI loading errors raised outside field validation
+        raise ConfigError(f"invalid configuration in {origin}: {exc}") from None
+    return cfg
+
+
+def load_config(path: Path | str | None = None, env: EnvSettings | None = None) -> ProjectConfig:
+    """Load the YAML file named by OBP_CONFIG (or `path`) and apply environment overrides."""
+    env = env or EnvSettings()
+    path = Path(path or env.config)
+    if not path.exists():
+        raise ConfigError(f"configuration file not found: {path} (set OBP_CONFIG or run `orderbook devchain deploy`)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
+    if isinstance(raw, dict) and env.rpc_url:
+        raw.setdefault("chain", {})
+        raw["chain"] = {**raw["chain"], "rpc_url": env.rpc_url}
+    return parse_config(raw, str(path), path.parent)
+
+
+def checksum(address: str) -> str:
+    if not is_address(address):
+        raise ValueError(f"not an address: {address!r}")
+    return to_checksum_address(address)
+
+
+def database_url() -> str:
+    """SQLAlchemy URL with the psycopg 3 driver made explicit (bare postgresql:// would pick psycopg2)."""
+    url = os.environ.get("DATABASE_URL") or EnvSettings().database_url
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url

@@ -1,0 +1,64 @@
+"""Database plumbing: engines, migrations (yoyo, SQL files in sql/), and database creation."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import psycopg
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from yoyo import get_backend, read_migrations
+
+from orderbook_pipelines.config import PROJECT_ROOT
+
+SQL_DIR = PROJECT_ROOT / "sql"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Make the psycopg 3 driver explicit: SQLAlchemy would otherwise pick psycopg2 for postgresql://."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """The same URL for psycopg/libpq (no SQLAlchemy driver suffix)."""
+    return make_url(sqlalchemy_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@lru_cache(maxsize=16)
+def engine_for(url: str) -> Engine:
+    return create_engine(sqlalchemy_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations; returns the ids applied. Safe to call on every start (locked, idempotent)."""
+    backend = get_backend(sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql+psycopg://", 1))
+    migrations = read_migrations(str(sql_dir))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return [m.id for m in pending]
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in `url` if missing (connecting to the maintenance db). True if created."""
+    u = make_url(sqlalchemy_url(url))
+    name = u.database
+    admin = u.set(database="postgres", drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return False
+        conn.execute(f'CREATE DATABASE "{name}"')
+        return True
+
+
+def drop_database(url: str) -> None:
+    u = make_url(sqlalchemy_url(url))
+    admin = u.set(database="postgres", drivername="postgresql").render_as_string(hide_password=False)
+    engine_for.cache_clear()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)')

@@ -1,0 +1,83 @@
+"""Market registry in Postgres: configured markets are upserted, unknown metric hashes are discovered.
+
+A gen-1 event names its market only by keccak(metricId); a hash we do not know yet becomes an `unregistered`
+market row instead of a lost event, and `orderbook markets register` names it later with no code change.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+from orderbook_pipelines.config import Market, ProjectConfig
+from orderbook_pipelines.normalize import MarketRegistry
+
+
+def sync_configured_markets(conn: Connection, config: ProjectConfig) -> int:
+    """Upsert the markets named in configuration; returns how many rows changed."""
+    changed = 0
+    for m in config.markets:
+        changed += upsert_market(conn, config.chain.chain_id, m)
+    return changed
+
+
+def upsert_market(conn: Connection, chain_id: int, m: Market) -> int:
+    address = m.address.lower() if m.address else None
+    # A discovered row (same hash, unregistered) is adopted rather than duplicated.
+    row = conn.execute(
+        text("""
+            SELECT market_id FROM markets
+            WHERE chain_id = :c AND (metric_hash = :h OR (CAST(:a AS text) IS NOT NULL AND address = :a))
+            ORDER BY market_id LIMIT 1
+        """),
+        {"c": chain_id, "h": m.metric_hash, "a": address},
+    ).first()
+    params = {"c": chain_id, "id": m.metric_id, "h": m.metric_hash, "a": address, "s": m.source,
+              "d": m.decimals, "st": m.status}
+    if row is None:
+        conn.execute(
+            text("""INSERT INTO markets (chain_id, metric_id, metric_hash, address, source, decimals, status)
+                    VALUES (:c, :id, :h, :a, :s, :d, :st)"""),
+            params,
+        )
+        return 1
+    res = conn.execute(
+        text("""UPDATE markets SET metric_id = :id, metric_hash = :h, address = COALESCE(:a, address),
+                       source = :s, decimals = :d,
+                       status = CASE WHEN status = 'unregistered' THEN :st ELSE status END, updated_at = now()
+                WHERE market_id = :mid AND (metric_id IS DISTINCT FROM :id OR address IS DISTINCT FROM
+                      COALESCE(:a, address) OR source <> :s OR decimals <> :d OR status = 'unregistered')"""),
+        {**params, "mid": row.market_id},
+    )
+    return res.rowcount
+
+
+def discover_metric_hashes(conn: Connection, chain_id: int, hashes: set[str], source: str,
+                           block: int | None) -> int:
+    """Register unknown metric hashes as `unregistered` markets; returns how many were new."""
+    if not hashes:
+        return 0
+    res = conn.execute(
+        text("""INSERT INTO markets (chain_id, metric_hash, source, status, discovered_block)
+                SELECT :c, h, :s, 'unregistered', :b FROM unnest(CAST(:hs AS text[])) AS h
+                ON CONFLICT (chain_id, metric_hash) DO NOTHING"""),
+        {"c": chain_id, "hs": sorted(hashes), "s": source, "b": block},
+    )
+    return res.rowcount
+
+
+def load_registry(conn: Connection, chain_id: int) -> MarketRegistry:
+    rows = conn.execute(
+        text("SELECT market_id, address, metric_hash FROM markets WHERE chain_id = :c"), {"c": chain_id}
+    ).all()
+    return MarketRegistry(
+        by_address={r.address: r.market_id for r in rows if r.address},
+        by_metric_hash={r.metric_hash: r.market_id for r in rows if r.metric_hash},
+    )
+
+
+def market_addresses(conn: Connection, chain_id: int) -> dict[str, str]:
+    """Contract address -> source name, for every registered market that has an address."""
+    rows = conn.execute(
+        text("SELECT address, source FROM markets WHERE chain_id = :c AND address IS NOT NULL"), {"c": chain_id}
+    ).all()
+    return {r.address: r.source for r in rows}

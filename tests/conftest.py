@@ -1,0 +1,119 @@
+"""Shared fixtures: a real anvil chain, real Postgres databases made (and dropped) per test module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from orderbook_pipelines.config import PROJECT_ROOT, ProjectConfig, load_config
+from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, wait_for_chain, write_config
+from orderbook_pipelines.storage.db import drop_database, ensure_database, migrate, sqlalchemy_url
+
+ANVIL = os.environ.get("OBP_ANVIL") or str(PROJECT_ROOT / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+PG_SERVER = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Anvil:
+    def __init__(self) -> None:
+        if not (Path(ANVIL).exists() or shutil.which(ANVIL)):
+            raise RuntimeError(f"anvil not found at {ANVIL}: run `make setup` (installs it from npm)")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [ANVIL, "--port", str(self.port), "--silent", "--accounts", "20", "--gas-limit", "100000000",
+             "--chain-id", "31337"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.w3 = wait_for_chain(self.url, timeout_s=30)
+
+    def rpc(self, method: str, *params: object) -> object:
+        resp = self.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
+        if resp.get("error"):
+            raise RuntimeError(f"{method}: {resp['error']}")
+        return resp.get("result")
+
+    def mine(self, n: int = 1) -> None:
+        self.rpc("anvil_mine", hex(n))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def anvil_factory() -> Iterator[type[Anvil]]:
+    started: list[Anvil] = []
+
+    class _Tracked(Anvil):
+        def __init__(self) -> None:
+            super().__init__()
+            started.append(self)
+
+    yield _Tracked
+    for a in started:
+        a.stop()
+
+
+def new_database() -> str:
+    u = make_url(sqlalchemy_url(PG_SERVER)).set(database=f"obp_test_{uuid.uuid4().hex[:10]}")
+    url = u.render_as_string(hide_password=False)
+    ensure_database(url)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    url = new_database()
+    yield url
+    drop_database(url)
+
+
+@dataclass
+class DevChain:
+    anvil: Anvil
+    dep: Deployment
+    config_path: Path
+    config: ProjectConfig
+
+
+def make_devchain(anvil: Anvil, tmp: Path, gen1: list[str], gen2: list[str], confirmations: int = 2,
+                  range_size: int = 25) -> DevChain:
+    dep = deploy(anvil.url, gen1, gen2)
+    path = tmp / "config.yaml"
+    write_config(project_config(dep, confirmations=confirmations, range_size=range_size), path)
+    return DevChain(anvil, dep, path, load_config(path))
+
+
+@pytest.fixture(scope="session")
+def simulated_chain(anvil_factory: type[Anvil], tmp_path_factory: pytest.TempPathFactory) -> DevChain:
+    """12 markets (8 gen-1, 4 gen-2) and 5,000 simulated orders, then enough blocks to make them final."""
+    from orderbook_pipelines.cli import GEN1_MARKETS, GEN2_MARKETS
+    from orderbook_pipelines.devchain.simulator import Simulator
+
+    anvil = anvil_factory()
+    chain = make_devchain(anvil, tmp_path_factory.mktemp("sim"), GEN1_MARKETS, GEN2_MARKETS)
+    t0 = time.perf_counter()
+    stats = Simulator(anvil.w3, chain.dep, seed=11, traders=10).run_batches(5000, per_block=40)
+    anvil.mine(chain.config.chain.confirmations + 1)
+    print(f"simulated {stats} in {time.perf_counter() - t0:.1f}s")
+    return chain
