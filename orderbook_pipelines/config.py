@@ -7,6 +7,7 @@ start, and produces one readable message listing every problem.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from enum import StrEnum
@@ -152,24 +153,27 @@ class ProjectConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ProjectConfig:
+        problems: list[str] = []
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique, got {names}")
+            problems.append(f"source names must be unique, got {names}")
         for m in self.markets:
             if m.source not in names:
-                raise ValueError(f"market {m.metric_id} names unknown source {m.source!r}; known: {names}")
+                problems.append(f"market {m.metric_id} names unknown source {m.source!r}; known: {names}")
         for s in self.sources:
             abi_events = {e["name"] for e in s.abi_entries if e.get("type") == "event"}
             for ev in s.events:
                 if ev not in abi_events:
-                    raise ValueError(f"source {s.name}: event {ev!r} is not in ABI {s.abi} ({sorted(abi_events)})")
+                    problems.append(f"source {s.name}: event {ev!r} is not in ABI {s.abi} ({sorted(abi_events)})")
             if s.addresses == "markets":
                 for m in self.markets:
                     if m.source == s.name and m.address is None:
-                        raise ValueError(f"market {m.metric_id} of source {s.name} needs an address")
+                        problems.append(f"market {m.metric_id} of source {s.name} needs an address")
         ids = [m.metric_id for m in self.markets]
         if len(set(ids)) != len(ids):
-            raise ValueError("market metric_ids must be unique")
+            problems.append("market metric_ids must be unique")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def source(self, name: str) -> Source:
@@ -225,7 +229,7 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
 def parse_config(raw: dict, origin: str = "<dict>", base: Path | None = None) -> ProjectConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid configuration in {origin}: expected a mapping at the top level")
-    raw = _resolve_paths(dict(raw), base or PROJECT_ROOT)
+    raw = _resolve_paths(copy.deepcopy(raw), base or PROJECT_ROOT)
     try:
         cfg = ProjectConfig.model_validate(raw)
     except ValidationError as exc:
@@ -246,8 +250,9 @@ def load_config(path: Path | str | None = None, env: EnvSettings | None = None) 
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
     if isinstance(raw, dict) and env.rpc_url:
-        raw.setdefault("chain", {})
-        raw["chain"] = {**raw["chain"], "rpc_url": env.rpc_url}
+        chain = raw.get("chain", {})
+        if isinstance(chain, dict):  # anything else is reported by validation below
+            raw["chain"] = {**chain, "rpc_url": env.rpc_url}
     return parse_config(raw, str(path), path.parent)
 
 

@@ -56,8 +56,8 @@ class _Param:
     def is_static_word(self) -> bool:
         t = self.type
         return (
-            t.startswith(("uint", "int"))
-            and "[" not in t
+            (t.startswith(("uint", "int"))
+            and "[" not in t)
             or t in ("address", "bool")
             or (t.startswith("bytes") and t != "bytes" and "[" not in t)
         )

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
-from orderbook_pipelines.decoding import Decoder, DecodedLog, Rejected
+from orderbook_pipelines.decoding import DecodedLog, Decoder, Rejected
 from orderbook_pipelines.normalize import metric_hashes_needed, normalize
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.projections import project_orders, project_positions, project_trades

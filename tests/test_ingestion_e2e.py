@@ -31,7 +31,8 @@ def _ranges(chain: DevChain) -> list[tuple[int, int]]:
 
 def _resources(chain: DevChain, db: str) -> dict[str, object]:
     settings = SettingsResource(config_path=str(chain.config_path))
-    return {"settings": settings, "chain": ChainResource(settings=settings), "postgres": PostgresResource(database_url=db)}
+    return {"settings": settings, "chain": ChainResource(settings=settings),
+            "postgres": PostgresResource(database_url=db)}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_every_trade_matches_the_trade_logs(simulated_chain: DevChain, indexed: 
 
 def test_positions_net_out_and_equal_the_trades(indexed: str) -> None:
     legs: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for metric, _b, _l, price, qty, buyer, seller in _table(indexed, TRADES_SQL):
+    for metric, _b, _l, _price, qty, buyer, seller in _table(indexed, TRADES_SQL):
         legs[(metric, buyer)][0] += qty
         legs[(metric, seller)][1] += qty
         legs[(metric, buyer)][2] += 1

@@ -80,6 +80,16 @@ class Book:
         if o.quantity is not None and (o.cancelled or o.filled >= o.quantity):
             del self.orders[ev.order_id]  # terminal: keep memory bounded to live orders
 
+    def end_block(self) -> None:
+        """Forget what cannot outlive a transaction: market orders and fills of orders never opened.
+
+        Every known contract emits a market order's events (and any fill-before-open) inside one transaction,
+        so after a block such entries are dead; dropping them keeps memory bounded to resting orders.
+        """
+        dead = [k for k, o in self.orders.items() if not o.is_limit]
+        for k in dead:
+            del self.orders[k]
+
     def _contribute(self, o: _Order, sign: int) -> None:
         r = o.resting
         if r == 0 or o.side is None or o.price is None:

@@ -32,7 +32,6 @@ _TOO_LARGE = (
     "more than 10000 results",
     "log response size exceeded",
     "response size",
-    "limit exceeded",
     "block range",
     "range is too large",
     "timeout",
@@ -63,7 +62,12 @@ class BlockHeader:
 
 def _is_too_large(message: str) -> bool:
     m = message.lower()
-    return any(p in m for p in _TOO_LARGE)
+    return any(p in m for p in _TOO_LARGE) and not _is_rate_limit(message)
+
+
+def _is_rate_limit(message: str) -> bool:
+    m = message.lower()
+    return "rate limit" in m or "too many requests" in m
 
 
 class ChainClient:
@@ -87,9 +91,11 @@ class ChainClient:
             self.stats["rpc_errors"] += 1
             status = exc.response.status_code if exc.response is not None else 0
             body = exc.response.text[:300] if exc.response is not None else ""
+            if status == 429 or _is_rate_limit(body):
+                raise TransientRpcError(f"{method}: HTTP {status}: {body}") from exc
             if method == "eth_getLogs" and _is_too_large(body):
                 raise RangeTooLarge(f"{method}: HTTP {status}: {body}") from exc
-            if status == 429 or status >= 500:
+            if status >= 500:
                 raise TransientRpcError(f"{method}: HTTP {status}: {body}") from exc
             raise RpcError(f"{method}: HTTP {status}: {body}") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -97,14 +103,16 @@ class ChainClient:
             if method == "eth_getLogs" and isinstance(exc, requests.Timeout):
                 raise RangeTooLarge(f"{method}: timed out") from exc
             raise TransientRpcError(f"{method}: {type(exc).__name__}: {exc}") from exc
-        if "error" in resp and resp["error"]:
+        if resp.get("error"):
             self.stats["rpc_errors"] += 1
             err = resp["error"]
             msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
             code = err.get("code") if isinstance(err, dict) else None
-            if method == "eth_getLogs" and (_is_too_large(msg) or code == -32005):
+            if code == 429 or _is_rate_limit(msg):
+                raise TransientRpcError(f"{method}: {msg} (code {code})")
+            if method == "eth_getLogs" and _is_too_large(msg):
                 raise RangeTooLarge(f"{method}: {msg}")
-            if code in (-32005, -32603, 429) or "rate limit" in msg.lower():
+            if code in (-32005, -32603):
                 raise TransientRpcError(f"{method}: {msg} (code {code})")
             raise RpcError(f"{method}: {msg} (code {code})")
         if "result" not in resp:

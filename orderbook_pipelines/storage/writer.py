@@ -94,7 +94,8 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
     raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
     assert raw is not None
     with raw.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_order_events (LIKE order_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_order_events "
+                    "(LIKE order_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         cur.execute("TRUNCATE stage_order_events")
         cols = ", ".join(_EVENT_COLUMNS)
         with cur.copy(f"COPY stage_order_events ({cols}) FROM STDIN") as copy:

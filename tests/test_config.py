@@ -1,0 +1,401 @@
+"""Configuration loading and validation: every problem is a ConfigError whose message names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orderbook_pipelines.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    EnvSettings,
+    EventKind,
+    EventMapping,
+    load_config,
+    parse_config,
+)
+from orderbook_pipelines.decoding import Decoder
+from orderbook_pipelines.devchain.deploy import Deployment, project_config
+
+ROUTER = "0x" + "11" * 20
+GEN1_BOOK = "0x" + "22" * 20
+GEN2_BOOK = "0x" + "33" * 20
+ARTIFACTS = PROJECT_ROOT / "contracts" / "artifacts"
+
+
+def raw_config() -> dict:
+    dep = Deployment(
+        rpc_url="http://x",
+        chain_id=31337,
+        start_block=1,
+        router=ROUTER,
+        gen1_books={"SILVER_V1": GEN1_BOOK},
+        gen2_books={"ALUMINUM_V1": GEN2_BOOK},
+    )
+    return project_config(dep, confirmations=3, range_size=50)
+
+
+def config_error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    return str(exc.value)
+
+
+def no_env() -> EnvSettings:
+    """Settings that ignore the caller's environment for the override under test."""
+    return EnvSettings(rpc_url=None)
+
+
+# -- a valid configuration ----------------------------------------------------------------------------------
+def test_valid_config_parses():
+    cfg = parse_config(raw_config())
+    assert cfg.chain.rpc_url == "http://x"
+    assert cfg.chain.chain_id == 31337
+    assert cfg.chain.start_block == 1
+    assert cfg.chain.confirmations == 3
+    assert cfg.chain.range_size == 50
+    assert [s.name for s in cfg.sources] == ["gen1_router", "gen1_book", "gen2_book"]
+    router = cfg.source("gen1_router")
+    assert router.addresses == [ROUTER]
+    assert router.events["OrderPlaced"].kind is EventKind.OPEN
+    assert router.events["OrderPlaced"].market == "metric_hash:metricId"
+    assert router.events["OrderExecuted"].market == "tx"
+    assert cfg.source("gen2_book").events["OrderFilled"].market == "emitter"  # the default
+    assert cfg.source("gen1_book").addresses == "markets"
+    assert {m.metric_id: (m.source, m.address, m.decimals) for m in cfg.markets} == {
+        "SILVER_V1": ("gen1_book", GEN1_BOOK, 18),
+        "ALUMINUM_V1": ("gen2_book", GEN2_BOOK, 6),
+    }
+    # relative ABI paths are resolved against the project root
+    assert Path(router.abi) == ARTIFACTS / "OrderRouter.json"
+    assert {e["name"] for e in router.abi_entries if e["type"] == "event"} >= {"OrderPlaced", "OrderExecuted"}
+    with pytest.raises(KeyError):
+        cfg.source("nope")
+
+
+def test_market_metric_hash_is_keccak_of_metric_id():
+    cfg = parse_config(raw_config())
+    silver = next(m for m in cfg.markets if m.metric_id == "SILVER_V1")
+    # documented in contract-events.md: keccak("SILVER_V1") starts 0x864a895a
+    assert silver.metric_hash.startswith("0x864a895a")
+    assert len(silver.metric_hash) == 66
+
+
+def test_valid_config_loads_from_yaml(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw_config(), sort_keys=False))
+    cfg = load_config(path, env=no_env())
+    assert cfg == parse_config(raw_config())
+    assert cfg.chain.rpc_url == "http://x"
+
+
+def test_rpc_url_env_override(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw_config(), sort_keys=False))
+    cfg = load_config(path, env=EnvSettings(rpc_url="http://override:8545"))
+    assert cfg.chain.rpc_url == "http://override:8545"
+    assert cfg.chain.chain_id == 31337  # the rest of the chain section is kept
+    assert cfg.chain.confirmations == 3
+
+
+def test_rpc_url_env_override_without_chain_section(tmp_path):
+    raw = raw_config()
+    del raw["chain"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path, env=EnvSettings(rpc_url="http://override:8545"))
+    assert cfg.chain.rpc_url == "http://override:8545"
+    assert cfg.chain.confirmations == 12  # defaults
+
+
+def test_rpc_url_env_override_read_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw_config()))
+    monkeypatch.setenv("OBP_RPC_URL", "http://from-env:1")
+    monkeypatch.setenv("OBP_CONFIG", str(path))
+    cfg = load_config()
+    assert cfg.chain.rpc_url == "http://from-env:1"
+
+
+@pytest.mark.parametrize("chain_yaml", ["chain:\n", "chain: [1, 2]\n"])
+def test_rpc_url_env_override_with_bad_chain_section_is_config_error(tmp_path, chain_yaml):
+    raw = raw_config()
+    del raw["chain"]
+    path = tmp_path / "config.yaml"
+    path.write_text(chain_yaml + yaml.safe_dump(raw))
+    with pytest.raises(ConfigError):
+        load_config(path, env=EnvSettings(rpc_url="http://override:8545"))
+
+
+def test_bad_chain_section_without_override_is_config_error(tmp_path):
+    raw = raw_config()
+    del raw["chain"]
+    path = tmp_path / "config.yaml"
+    path.write_text("chain: [1, 2]\n" + yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    assert "chain" in str(exc.value)
+
+
+# -- ABI file forms --------------------------------------------------------------------------------------
+def router_abi() -> list[dict]:
+    return json.loads((ARTIFACTS / "OrderRouter.json").read_text())["abi"]
+
+
+@pytest.mark.parametrize("form", ["artifact", "bare_list"])
+def test_abi_file_may_be_artifact_or_bare_list(tmp_path, form):
+    abi = router_abi()
+    doc = {"contractName": "X", "abi": abi, "bytecode": "0x"} if form == "artifact" else abi
+    (tmp_path / "abi").mkdir()
+    (tmp_path / "abi" / "router.json").write_text(json.dumps(doc))
+    raw = raw_config()
+    raw["sources"][0]["abi"] = "abi/router.json"  # relative to the YAML file's directory
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path, env=no_env())
+    src = cfg.source("gen1_router")
+    assert Path(src.abi) == tmp_path / "abi" / "router.json"
+    assert src.abi_entries == abi
+    Decoder(cfg, {ROUTER: "gen1_router"})  # and it is usable
+
+
+def test_abi_file_of_wrong_shape(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"contractName": "X"}))
+    raw = raw_config()
+    raw["sources"][0]["abi"] = str(bad)
+    msg = config_error(raw)
+    assert "neither an ABI list nor an artifact" in msg
+    assert str(bad) in msg
+
+
+def test_abi_file_not_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    raw = raw_config()
+    raw["sources"][0]["abi"] = str(bad)
+    msg = config_error(raw)
+    assert "is not JSON" in msg
+
+
+# -- each problem is named ---------------------------------------------------------------------------------
+def test_unknown_top_level_key():
+    raw = raw_config()
+    raw["sourcez"] = []
+    msg = config_error(raw)
+    assert "sourcez" in msg
+    assert "Extra inputs are not permitted" in msg
+
+
+def test_unknown_chain_key():
+    raw = raw_config()
+    raw["chain"]["confirmation"] = 3
+    msg = config_error(raw)
+    assert "chain.confirmation" in msg
+
+
+@pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 20, "11" * 20 + "ab", "0x" + "11" * 21])
+def test_bad_source_address(bad):
+    raw = raw_config()
+    raw["sources"][0]["addresses"] = [bad]
+    msg = config_error(raw)
+    assert "sources.0.addresses" in msg
+    assert "pattern" in msg
+
+
+def test_bad_market_address():
+    raw = raw_config()
+    raw["markets"][0]["address"] = "0xnot-an-address"
+    msg = config_error(raw)
+    assert "markets.0.address" in msg
+
+
+def test_market_names_unknown_source():
+    raw = raw_config()
+    raw["markets"][0]["source"] = "gen9_book"
+    msg = config_error(raw)
+    assert "SILVER_V1" in msg
+    assert "unknown source 'gen9_book'" in msg
+
+
+def test_market_of_markets_source_needs_address():
+    raw = raw_config()
+    del raw["markets"][1]["address"]
+    msg = config_error(raw)
+    assert "ALUMINUM_V1" in msg
+    assert "needs an address" in msg
+
+
+def test_event_not_in_abi():
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderExpired2"] = {"kind": "cancel", "fields": {"order_id": "orderId"}}
+    msg = config_error(raw)
+    assert "gen1_router" in msg
+    assert "'OrderExpired2' is not in ABI" in msg
+
+
+def test_event_of_another_generation_not_in_abi():
+    # OrderFilled exists only in the gen2 ABI
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderFilled"] = raw["sources"][2]["events"]["OrderFilled"]
+    msg = config_error(raw)
+    assert "'OrderFilled' is not in ABI" in msg
+
+
+def test_mapping_to_unknown_abi_argument_fails_when_decoder_is_built():
+    raw = raw_config()
+    raw["sources"][2]["events"]["OrderPlaced"]["fields"]["quantity"] = "quantity"  # the ABI calls it `size`
+    cfg = parse_config(raw)
+    with pytest.raises(ConfigError) as exc:
+        Decoder(cfg, {})
+    msg = str(exc.value)
+    assert "gen2_book.OrderPlaced" in msg
+    assert "'quantity'" in msg
+    assert "unknown argument" in msg
+
+
+def test_missing_abi_file():
+    raw = raw_config()
+    raw["sources"][1]["abi"] = "contracts/artifacts/NoSuchBook.json"
+    msg = config_error(raw)
+    assert "ABI file not found" in msg
+    assert "NoSuchBook.json" in msg
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "missing"),
+    [
+        (
+            "open",
+            {"order_id": "orderId", "trader": "trader", "side": "side", "quantity": "quantity"},
+            "price",
+        ),
+        ("open", {"order_id": "orderId"}, "trader"),
+        ("fill", {"order_id": "orderId", "price": "executedPrice"}, "quantity"),
+        ("cancel", {"trader": "trader"}, "order_id"),
+        ("trade", {"buyer": "b", "price": "p", "quantity": "q"}, "seller"),
+    ],
+)
+def test_kind_without_required_fields(kind, fields, missing):
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderPlaced"] = {"kind": kind, "fields": fields}
+    msg = config_error(raw)
+    assert "sources.0.events.OrderPlaced" in msg
+    assert f"kind '{kind}' needs field(s)" in msg
+    assert f"'{missing}'" in msg
+
+
+def test_unknown_canonical_field():
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderCancelled"]["fields"]["remaining"] = "remainingQuantity"
+    msg = config_error(raw)
+    assert "unknown canonical field(s) ['remaining']" in msg
+
+
+@pytest.mark.parametrize("rule", ["market", "metric_hash:", "address"])
+def test_bad_market_rule(rule):
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderPlaced"]["market"] = rule
+    msg = config_error(raw)
+    assert "market must be" in msg
+
+
+def test_unknown_event_kind():
+    with pytest.raises(ValueError, match="kind"):
+        EventMapping(kind="expire", fields={"order_id": "x"})
+
+
+@pytest.mark.parametrize("bad", ["silver_v1", "Silver_V1", "AB", "SILVER-V1", "SILVER V1", "X" * 101])
+def test_invalid_metric_id(bad):
+    raw = raw_config()
+    raw["markets"][0]["metric_id"] = bad
+    msg = config_error(raw)
+    assert "markets.0.metric_id" in msg
+
+
+def test_duplicate_metric_id():
+    raw = raw_config()
+    raw["markets"][1]["metric_id"] = "SILVER_V1"
+    msg = config_error(raw)
+    assert "metric_ids must be unique" in msg
+
+
+def test_duplicate_source_name():
+    raw = raw_config()
+    raw["sources"][1]["name"] = "gen1_router"
+    msg = config_error(raw)
+    assert "source names must be unique" in msg
+
+
+def test_negative_confirmations():
+    raw = raw_config()
+    raw["chain"]["confirmations"] = -1
+    msg = config_error(raw)
+    assert "chain.confirmations" in msg
+    assert "greater than or equal to 0" in msg
+
+
+def test_several_field_problems_are_all_listed():
+    raw = raw_config()
+    raw["chain"]["confirmations"] = -1
+    raw["markets"][0]["metric_id"] = "lower"
+    raw["bogus"] = 1
+    msg = config_error(raw)
+    assert "chain.confirmations" in msg
+    assert "markets.0.metric_id" in msg
+    assert "bogus" in msg
+
+
+def test_several_cross_check_problems_are_all_listed():
+    raw = raw_config()
+    raw["markets"][0]["source"] = "gen9_book"
+    raw["sources"][0]["events"]["NoSuchEvent"] = {"kind": "cancel", "fields": {"order_id": "orderId"}}
+    msg = config_error(raw)
+    assert "gen9_book" in msg
+    assert "NoSuchEvent" in msg
+
+
+def test_top_level_not_a_mapping():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config(["sources"])  # type: ignore[arg-type]
+
+
+# -- files --------------------------------------------------------------------------------------------------
+def test_yaml_syntax_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("chain:\n  rpc_url: [unclosed\nsources: {\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    msg = str(exc.value)
+    assert "not valid YAML" in msg
+    assert str(path) in msg
+
+
+def test_yaml_error_names_the_file_in_validation_errors(tmp_path):
+    raw = raw_config()
+    raw["chain"]["confirmations"] = -5
+    path = tmp_path / "named.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    assert str(path) in str(exc.value)
+    assert "chain.confirmations" in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    assert "configuration file not found" in str(exc.value)
+    assert str(path) in str(exc.value)
+
+
+def test_empty_file_is_config_error(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    assert "sources" in str(exc.value)

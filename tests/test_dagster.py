@@ -1,0 +1,103 @@
+"""Dagster wiring: the code location loads, and the head sensor plans ranges and runs without duplicates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import yaml
+from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
+
+from orderbook_pipelines.config import PROJECT_ROOT
+from orderbook_pipelines.definitions import defs
+from orderbook_pipelines.partitions import block_ranges, parse_range_key, range_key, ranges_up_to
+from orderbook_pipelines.resources import ChainResource, SettingsResource
+from orderbook_pipelines.sensors.chain_head import chain_head_sensor, plan_tick
+from tests.conftest import DevChain
+
+
+def test_definitions_load_and_name_the_ingestion_job() -> None:
+    Definitions.validate_loadable(defs)
+    job = defs.resolve_job_def("ingest_block_range")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
+        "order_events", "trades", "orders", "positions"}
+    assert defs.resolve_sensor_def("chain_head_sensor").job_name == "ingest_block_range"
+
+
+def test_workspace_points_at_the_definitions() -> None:
+    text = (PROJECT_ROOT / "workspace.yaml").read_text()
+    assert "module_name: orderbook_pipelines.definitions" in text
+
+
+def test_range_keys_sort_in_chain_order_and_round_trip() -> None:
+    ranges = ranges_up_to(7, 100, 1234)
+    assert ranges[0] == (7, 106) and ranges[-1] == (1207, 1306) and len(ranges) == 13
+    keys = [range_key(a, b) for a, b in ranges]
+    assert sorted(keys) == keys
+    assert [parse_range_key(k) for k in keys] == ranges
+
+
+def _tick(instance: DagsterInstance, cursor: str | None, safe: int) -> SensorResult:
+    ctx = build_sensor_context(instance=instance, cursor=cursor)
+    result = plan_tick(ctx, start_block=10, range_size=100, tip_interval=20, safe=safe)
+    assert isinstance(result, SensorResult)
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(block_ranges.name, list(req.partition_keys))
+    return result
+
+
+def test_sensor_requests_complete_ranges_once_and_the_tip_as_it_grows() -> None:
+    instance = DagsterInstance.ephemeral()
+    first = _tick(instance, None, safe=259)  # ranges 10-109, 110-209 complete; 210-309 open at 259
+    assert [r.run_key for r in first.run_requests] == [
+        range_key(10, 109), range_key(110, 209), f"{range_key(210, 309)}@259"]
+    assert set(instance.get_dynamic_partitions(block_ranges.name)) == {
+        range_key(10, 109), range_key(110, 209), range_key(210, 309)}
+
+    again = _tick(instance, first.cursor, safe=265)  # 6 more blocks: under the tip interval, nothing to do
+    assert again.run_requests == []
+
+    later = _tick(instance, again.cursor, safe=330)  # 210-309 completes; 310-409 has 21 final blocks (>= 20)
+    assert [r.run_key for r in later.run_requests] == [range_key(210, 309), f"{range_key(310, 409)}@330"]
+    assert json.loads(later.cursor)["complete_through"] == 309
+
+
+def test_sensor_caps_the_runs_of_one_tick_and_catches_up_on_the_next() -> None:
+    instance = DagsterInstance.ephemeral()
+    first = _tick(instance, None, safe=10 + 100 * 40 - 1)  # 40 complete ranges
+    assert len(first.run_requests) == 25
+    second = _tick(instance, first.cursor, safe=10 + 100 * 40 - 1)
+    assert len(second.run_requests) == 15
+    assert {r.run_key for r in first.run_requests}.isdisjoint({r.run_key for r in second.run_requests})
+
+
+def test_sensor_against_the_real_chain(simulated_chain: DevChain) -> None:
+    settings = SettingsResource(config_path=str(simulated_chain.config_path))
+    instance = DagsterInstance.ephemeral()
+    with build_sensor_context(instance=instance, resources={"settings": settings,
+                                                            "chain": ChainResource(settings=settings)}) as ctx:
+        result = chain_head_sensor(ctx)
+    cfg = simulated_chain.config.chain
+    safe = simulated_chain.anvil.w3.eth.block_number - cfg.confirmations
+    assert isinstance(result, SensorResult)
+    expected = ranges_up_to(cfg.start_block, cfg.range_size, safe)
+    assert list(result.dynamic_partitions_requests[0].partition_keys) == [range_key(a, b) for a, b in expected]
+    assert [r.partition_key for r in result.run_requests] == [range_key(a, b) for a, b in expected]
+
+
+def test_sensor_skips_with_the_reason_when_the_chain_is_down(tmp_path, simulated_chain: DevChain) -> None:
+    doc = yaml.safe_load(simulated_chain.config_path.read_text())
+    doc["chain"] |= {"rpc_url": "http://127.0.0.1:9", "rpc_retries": 0}
+    path = tmp_path / "down.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    settings = SettingsResource(config_path=str(path))
+    with build_sensor_context(instance=DagsterInstance.ephemeral(),
+                              resources={"settings": settings, "chain": ChainResource(settings=settings)}) as ctx:
+        result = chain_head_sensor(ctx)
+    assert "cannot read the chain head" in str(result.skip_message)
+
+
+def test_committed_contract_artifacts_match_the_sources() -> None:
+    proc = subprocess.run(["node", "contracts/build.mjs", "--check"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
