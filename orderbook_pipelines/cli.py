@@ -28,11 +28,13 @@ def _fail(msg: str) -> None:
 
 
 @db_app.command("init")
-def db_init() -> None:
+def db_init(reset: bool = typer.Option(False, help="drop the database first (dev chains start empty)")) -> None:
     """Create the database named in DATABASE_URL if missing, then apply pending migrations."""
-    from orderbook_pipelines.storage.db import ensure_database, migrate
+    from orderbook_pipelines.storage.db import drop_database, ensure_database, migrate
 
     url = EnvSettings().database_url
+    if reset:
+        drop_database(url)
     created = ensure_database(url)
     applied = migrate(url)
     typer.echo(f"database {'created' if created else 'exists'}; migrations applied: {applied or 'none pending'}")

@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:  make test   /   make run
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+ANVIL       := $(CURDIR)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+PYTEST_ARGS ?=
+
+.PHONY: help setup contracts lint test run clean
+
+help:
+	@echo "make setup      create .venv (uv, requirements.lock) and node_modules (npm ci); idempotent"
+	@echo "make contracts  build contracts/artifacts (node contracts/build.mjs)"
+	@echo "make lint       ruff check ."
+	@echo "make test       lint + pytest; starts Postgres/Redis if needed (PYTEST_ARGS=... passes through)"
+	@echo "make run        anvil devchain + simulator + Dagster UI (Ctrl-C stops everything)"
+	@echo "make clean      stop the project-local Postgres/Redis and remove .run/ (keeps .venv)"
+
+setup:
+	@bash scripts/bootstrap.sh
+
+contracts: setup
+	node contracts/build.mjs
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \
+	redis_url="$$(bash scripts/ensure_redis.sh | tail -n 1)"; \
+	export DATABASE_URL="$$db_url" REDIS_URL="$$redis_url" OBP_ANVIL="$(ANVIL)"; \
+	echo "[test] DATABASE_URL=$$DATABASE_URL REDIS_URL=$$REDIS_URL"; \
+	echo "[test] ruff check ."; \
+	$(VENV)/bin/ruff check .; \
+	echo "[test] pytest -q $(PYTEST_ARGS)"; \
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+run:
+	@bash scripts/run.sh
+
+clean:
+	-@bash scripts/ensure_postgres.sh --purge
+	-@bash scripts/ensure_redis.sh --stop
+	rm -rf .run
