@@ -145,11 +145,23 @@ class Chain(Strict):
     tip_interval_blocks: int = Field(default=50, ge=1)
 
 
+class Reconciliation(Strict):
+    """Reconciliation and book checks: how far back to re-check, how much one repair may rewrite, sample sizes."""
+
+    lookback_ranges: int = Field(default=20, ge=1)
+    max_repair_events: int = Field(default=50_000, ge=0)
+    check_markets_per_run: int = Field(default=50, ge=1)
+    check_levels: int = Field(default=20, ge=1, le=500)
+    check_orders_per_run: int = Field(default=200, ge=0)
+
+
 class ProjectConfig(Strict):
     chain: Chain = Chain()
     sources: list[Source]
     markets: list[Market] = []
     order_events_partition_blocks: int = Field(default=1_000_000, ge=1000)
+    canary_ranges_required: int = Field(default=3, ge=1)
+    reconciliation: Reconciliation = Reconciliation()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ProjectConfig:

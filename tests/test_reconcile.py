@@ -1,0 +1,182 @@
+"""Reconciliation on a real anvil chain: a reorg deeper than the confirmation depth (made with evm_snapshot /
+evm_revert after the ranges were ingested as final), lost events, the rewrite cap, and a clean chain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from web3 import Web3
+
+from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.devchain.deploy import artifact
+from orderbook_pipelines.devchain.simulator import Simulator
+from orderbook_pipelines.ingest import ingest_range, project_range
+from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.reconcile import RepairCapExceeded, reconcile
+from orderbook_pipelines.storage.db import drop_database, engine_for
+from tests.conftest import Anvil, DevChain, make_devchain, new_database
+from tests.test_ingestion_e2e import ORDERS_SQL, POSITIONS_SQL, TRADES_SQL
+
+EVENTS_SQL = "SELECT block_number, log_index, block_hash, kind, market_id FROM order_events ORDER BY 1, 2"
+CHECKPOINTS_SQL = "SELECT range_start, range_end, processed_to, last_hash FROM ingestion_checkpoints ORDER BY 1"
+
+
+def _table(db: str, sql: str) -> list[tuple]:
+    with engine_for(db).connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql))]
+
+
+def _state(db: str) -> list[list[tuple]]:
+    return [_table(db, q) for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL, EVENTS_SQL, CHECKPOINTS_SQL)]
+
+
+def _ingest(chain: DevChain, db: str, ranges: list[tuple[int, int]]) -> None:
+    cfg = chain.config
+    client = ChainClient(chain.anvil.url)
+    for a, b in ranges:
+        ingest_range(cfg, client, engine_for(db), a, b)
+        project_range(engine_for(db), cfg.chain.chain_id, a, b)
+
+
+def _all_ranges(chain: DevChain) -> list[tuple[int, int]]:
+    c = chain.config.chain
+    return ranges_up_to(c.start_block, c.range_size, chain.anvil.w3.eth.block_number - c.confirmations)
+
+
+def _stored_ranges(db: str) -> list[tuple[int, int]]:
+    return [(r[0], r[1]) for r in _table(db, CHECKPOINTS_SQL)]
+
+
+@pytest.fixture
+def small_chain(anvil_factory: type[Anvil], tmp_path: Path) -> DevChain:
+    return make_devchain(anvil_factory(), tmp_path, ["SILVER_V1", "GOLD_V1"], ["ALUMINUM_V1"], confirmations=0,
+                         range_size=5)
+
+
+@pytest.fixture
+def forked(small_chain: DevChain, database: str) -> Iterator[tuple[DevChain, str]]:
+    """Ranges ingested as final (confirmations=0), then the last blocks replaced by a different, longer history."""
+    anvil = small_chain.anvil
+    Simulator(anvil.w3, small_chain.dep, seed=1).run_batches(40, per_block=8)
+    snapshot = anvil.rpc("evm_snapshot")
+    Simulator(anvil.w3, small_chain.dep, seed=2).run_batches(60, per_block=6)
+    _ingest(small_chain, database, _all_ranges(small_chain))
+    anvil.rpc("evm_revert", snapshot)
+    Simulator(anvil.w3, small_chain.dep, seed=3).run_batches(80, per_block=5)
+    anvil.mine(3)
+    yield small_chain, database
+
+
+def test_deep_reorg_is_repaired_to_what_a_fresh_ingestion_of_the_new_chain_gives(forked: tuple[DevChain, str]
+                                                                                  ) -> None:
+    chain, db = forked
+    before = _state(db)
+    stored_ranges = _stored_ranges(db)
+    w3 = chain.anvil.w3
+    stored_blocks = _table(db, "SELECT number, hash FROM blocks ORDER BY number")
+    differing = [n for n, h in stored_blocks if w3.eth.get_block(n)["hash"].to_0x_hex() != h]
+    assert differing, "the fork must have replaced stored (final) blocks"
+    report = reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db),
+                       lookback_ranges=len(stored_ranges))
+
+    fresh = new_database()
+    try:
+        _ingest(chain, fresh, _stored_ranges(db))
+        expected = _state(fresh)
+    finally:
+        drop_database(fresh)
+    assert before[:4] != expected[:4], "the fork must have changed the indexed state, or the test proves nothing"
+    assert _state(db) == expected
+
+    assert report.repaired and report.reorg is not None
+    assert report.events_deleted > 0 and report.events_inserted > 0
+    assert report.events_inserted == len(expected[3]) - (len(before[3]) - report.events_deleted)
+    fork = report.reorg.fork_block
+    assert fork == differing[0]
+    assert report.max_reorg_depth == differing[-1] - differing[0] + 1
+    # Every repaired range holds the fork; ranges wholly below it were left alone.
+    assert all(b >= fork for a, b in ((int(k[:12]), int(k[13:])) for k in report.ranges_repaired))
+    with engine_for(db).connect() as conn:
+        row = conn.execute(text("SELECT fork_block, depth, old_hash, new_hash, repaired, events_deleted "
+                                "FROM reorgs")).one()
+    assert (row.fork_block, row.depth, row.repaired, row.events_deleted) == (
+        fork, report.max_reorg_depth, True, report.events_deleted)
+    assert row.old_hash != row.new_hash
+    assert row.new_hash == chain.anvil.w3.eth.get_block(fork)["hash"].to_0x_hex()
+    assert reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db),
+                     lookback_ranges=len(stored_ranges)).mismatched == []
+
+
+def test_after_the_repair_open_orders_equal_the_contract_views(forked: tuple[DevChain, str]) -> None:
+    chain, db = forked
+    reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db), lookback_ranges=100)
+    w3 = chain.anvil.w3
+    router = w3.eth.contract(address=Web3.to_checksum_address(chain.dep.router), abi=artifact("OrderRouter")["abi"])
+    last = max(r[2] for r in _table(db, CHECKPOINTS_SQL))
+    rows = _table(db, f"SELECT order_id, quantity, filled, status FROM orders WHERE contract = '{chain.dep.router}'")
+    assert sorted(int(r[0]) for r in rows) == list(range(1, router.functions.nextOrderId().call(
+        block_identifier=last)))
+    for oid, qty, filled, status in rows:
+        o = router.functions.getOrder(int(oid)).call(block_identifier=last)
+        assert (o[6], o[7]) == (qty, filled), oid
+        assert (o[8] == 1) == (status in ("open", "partially_filled")), oid
+
+
+def test_repair_above_the_cap_touches_nothing_and_says_how_much(forked: tuple[DevChain, str]) -> None:
+    chain, db = forked
+    before = _state(db)
+    with pytest.raises(RepairCapExceeded, match=r"would rewrite (\d+) events .* above the cap of 5; nothing"):
+        reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db), lookback_ranges=100,
+                  max_repair_events=5)
+    assert _state(db) == before
+    # The incident is still on record (not repaired), so the alert does not depend on the run's logs.
+    assert _table(db, "SELECT repaired FROM reorgs") == [(False,)]
+
+
+def test_lost_events_without_a_reorg_are_restored(small_chain: DevChain, database: str) -> None:
+    Simulator(small_chain.anvil.w3, small_chain.dep, seed=5).run_batches(60, per_block=6)
+    _ingest(small_chain, database, _all_ranges(small_chain))
+    before = _state(database)
+    with engine_for(database).begin() as conn:
+        lost = conn.execute(text("DELETE FROM order_events WHERE (block_number, log_index) IN (SELECT block_number, "
+                                 "log_index FROM order_events ORDER BY block_number DESC, log_index LIMIT 7)"))
+        assert lost.rowcount == 7
+    report = reconcile(small_chain.config, ChainClient(small_chain.anvil.url), engine_for(database),
+                       lookback_ranges=100)
+    assert report.reorg is None
+    assert sum(d.missing for d in report.mismatched) == 7 and sum(d.extra for d in report.mismatched) == 0
+    assert report.repaired
+    assert _state(database)[:4] == before[:4]
+    assert _table(database, "SELECT count(*) FROM reorgs") == [(0,)]
+
+
+def test_dry_run_reports_without_repairing(forked: tuple[DevChain, str]) -> None:
+    chain, db = forked
+    before = _state(db)
+    report = reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db), lookback_ranges=100,
+                       repair=False)
+    assert report.mismatched and not report.repaired and report.reorg is not None
+    assert _state(db) == before
+    meta = report.metadata()
+    assert meta["ranges_mismatched"] == len(report.mismatched) and meta["events_deleted"] == 0
+
+
+@pytest.fixture(scope="module")
+def indexed_sim(simulated_chain: DevChain) -> Iterator[str]:
+    db = new_database()
+    _ingest(simulated_chain, db, _all_ranges(simulated_chain))
+    yield db
+    drop_database(db)
+
+
+def test_a_clean_chain_needs_no_repair(simulated_chain: DevChain, indexed_sim: str) -> None:
+    before = _state(indexed_sim)
+    report = reconcile(simulated_chain.config, ChainClient(simulated_chain.anvil.url), engine_for(indexed_sim),
+                       lookback_ranges=1000)
+    assert report.ranges_checked == len(before[4]) > 3
+    assert report.mismatched == [] and report.reorg is None and not report.repaired
+    assert sum(d.chain_events for d in report.diffs) == len(before[3]) > 1000
+    assert _state(indexed_sim) == before
