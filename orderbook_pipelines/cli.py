@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from orderbook_pipelines.cli_recovery import replay_app, snapshot_app
 from orderbook_pipelines.config import ConfigError, EnvSettings, Market, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -17,6 +18,8 @@ markets_app = typer.Typer(no_args_is_help=True, help="Market registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="devchain")
 app.add_typer(markets_app, name="markets")
+app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(replay_app, name="replay")
 
 GEN1_MARKETS = ["SILVER_V1", "GOLD_V1", "COPPER_V1", "OIL_WTI_V1", "GAS_HH_V1", "CORN_V1", "WHEAT_V1", "BTC_HASH_V1"]
 GEN2_MARKETS = ["ALUMINUM_V1", "NICKEL_V1", "ZINC_V1", "LITHIUM_V1"]
