@@ -18,6 +18,8 @@ markets_app = typer.Typer(no_args_is_help=True, help="Market registry.")
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="devchain")
 app.add_typer(markets_app, name="markets")
+live_app = typer.Typer(no_args_is_help=True, help="Live depth service: WebSocket + REST.")
+app.add_typer(live_app, name="live")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(replay_app, name="replay")
 
@@ -149,6 +151,44 @@ def markets_register(metric_id: str, source: str, address: str | None = typer.Op
     with engine_for(EnvSettings().database_url).begin() as conn:
         n = upsert_market(conn, cfg.chain.chain_id, m)
     typer.echo(f"market {metric_id}: {'registered' if n else 'unchanged'}")
+
+
+@live_app.command("serve")
+def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080, min=1, max=65535)) -> None:
+    """Follow the chain tip and serve /ws, /api/*, /health, /ready, /metrics."""
+    import os
+
+    import uvicorn
+
+    from orderbook_pipelines.live.service import LiveService
+    from orderbook_pipelines.storage.db import engine_for, migrate
+
+    cfg = _config()
+    url = EnvSettings().database_url
+    migrate(url)
+    service = LiveService(cfg, engine_for(url), redis_url=os.environ.get("REDIS_URL") or None)
+    limits = service.hub.limits
+    uvicorn.run(service.app(), host=host, port=port, log_level="warning", ws_max_size=limits.max_message_bytes * 4,
+                ws_ping_interval=20, ws_ping_timeout=20, timeout_keep_alive=5)
+
+
+@live_app.command("pause")
+def live_pause(market: str | None = typer.Option(None, help="one market; all markets when omitted"),
+               resume: bool = typer.Option(False, help="resume instead of pause"),
+               url: str = typer.Option("http://127.0.0.1:8080")) -> None:
+    """Emergency pause (or resume) of publishers; needs OBP_ADMIN_TOKEN, the same the service was started with."""
+    import os
+
+    import httpx
+
+    token = os.environ.get("OBP_ADMIN_TOKEN")
+    if not token:
+        _fail("OBP_ADMIN_TOKEN is not set")
+    body = {"paused": not resume, **({"market": market} if market else {})}
+    r = httpx.post(f"{url}/admin/pause", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    if r.status_code != 200:
+        _fail(f"pause failed: HTTP {r.status_code}: {r.text}")
+    typer.echo(r.text)
 
 
 def _config():  # type: ignore[no-untyped-def]

@@ -52,15 +52,47 @@ class InvalidEvent(ValueError):
     """An event that cannot be applied (e.g. an open without side/price/quantity)."""
 
 
+UndoLog = list[tuple]
+
+
 @dataclass
 class Book:
     orders: dict[str, _Order] = field(default_factory=dict)
     _qty: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
     _count: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
+    _undo: UndoLog | None = None
+
+    def record(self, log: UndoLog | None) -> None:
+        """Record every change into `log` (None stops) so that `undo(log)` can roll a reorged block back."""
+        self._undo = log
+
+    def undo(self, log: UndoLog) -> None:
+        for entry in reversed(log):
+            if entry[0] == "o":
+                _, oid, saved = entry
+                if saved is None:
+                    self.orders.pop(oid, None)
+                else:
+                    self.orders[oid] = saved
+            else:
+                _, side, price, q, c = entry
+                if q is None:
+                    self._qty[side].pop(price, None)
+                    self._count[side].pop(price, None)
+                else:
+                    self._qty[side][price], self._count[side][price] = q, c
+        log.clear()
+
+    def _save_order(self, oid: str) -> None:
+        if self._undo is not None:
+            o = self.orders.get(oid)
+            self._undo.append(("o", oid, None if o is None else _Order(o.side, o.price, o.quantity, o.is_limit,
+                                                                         o.filled, o.cancelled)))
 
     def apply(self, ev: BookEvent) -> None:
         if ev.kind not in ("open", "fill", "cancel"):
             return
+        self._save_order(ev.order_id)
         o = self.orders.get(ev.order_id)
         if o is None:
             o = self.orders[ev.order_id] = _Order()
@@ -79,6 +111,8 @@ class Book:
         self._contribute(o, +1)
         if o.quantity is not None and (o.cancelled or o.filled >= o.quantity):
             del self.orders[ev.order_id]  # terminal: keep memory bounded to live orders
+        else:
+            self.orders[ev.order_id] = o
 
     def end_block(self) -> None:
         """Forget what cannot outlive a transaction: market orders and fills of orders never opened.
@@ -88,6 +122,7 @@ class Book:
         """
         dead = [k for k, o in self.orders.items() if not o.is_limit]
         for k in dead:
+            self._save_order(k)
             del self.orders[k]
 
     def _contribute(self, o: _Order, sign: int) -> None:
@@ -95,6 +130,8 @@ class Book:
         if r == 0 or o.side is None or o.price is None:
             return
         qty, cnt = self._qty[o.side], self._count[o.side]
+        if self._undo is not None:
+            self._undo.append(("l", o.side, o.price, qty.get(o.price), cnt.get(o.price)))
         q = qty.get(o.price, 0) + sign * r
         c = cnt.get(o.price, 0) + sign
         if c == 0:

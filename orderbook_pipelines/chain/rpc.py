@@ -188,6 +188,16 @@ class ChainClient:
             logs.sort(key=lambda lg: (int(lg["blockNumber"], 16), int(lg["logIndex"], 16)))
         return logs
 
+    def get_block_logs(self, block_hash: str, addresses: list[str]) -> list[dict]:
+        """Logs of one block by hash: a reorg cannot mix two forks into one answer."""
+        logs: list[dict] = []
+        for i in range(0, len(addresses), _ADDRESS_CHUNK):
+            chunk = addresses[i : i + _ADDRESS_CHUNK]
+            logs.extend(self.call("eth_getLogs", [{"blockHash": block_hash, "address": chunk}]))
+        if len(addresses) > _ADDRESS_CHUNK:
+            logs.sort(key=lambda lg: int(lg["logIndex"], 16))
+        return logs
+
     def _iter_logs(self, start: int, end: int, addresses: list[str]) -> Iterator[list[dict]]:
         cur = start
         while cur <= end:

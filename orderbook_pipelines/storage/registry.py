@@ -81,3 +81,16 @@ def market_addresses(conn: Connection, chain_id: int) -> dict[str, str]:
         text("SELECT address, source FROM markets WHERE chain_id = :c AND address IS NOT NULL"), {"c": chain_id}
     ).all()
     return {r.address: r.source for r in rows}
+
+
+def market_names(conn: Connection, chain_id: int) -> dict[int, str]:
+    """market_id -> public name (metric id; the metric hash or address while unregistered)."""
+    rows = conn.execute(
+        text("SELECT market_id, metric_id, metric_hash, address FROM markets WHERE chain_id = :c"), {"c": chain_id}
+    ).all()
+    return {r.market_id: r.metric_id or r.metric_hash or r.address for r in rows}
+
+
+def market_statuses(conn: Connection, chain_id: int) -> dict[int, str]:
+    rows = conn.execute(text("SELECT market_id, status FROM markets WHERE chain_id = :c"), {"c": chain_id}).all()
+    return {r.market_id: r.status for r in rows}

@@ -1,0 +1,243 @@
+"""REST read API: depth from the live book; trades, orders and summaries from Postgres.
+
+Every parameter is validated with a 400 that names it; pages are capped; cursors are opaque and encode the
+stable sort key (block, log index), so pages neither repeat nor skip rows while new events arrive on top.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orderbook_pipelines.book.checksum import book_checksum
+from orderbook_pipelines.live import metrics
+
+if TYPE_CHECKING:
+    from orderbook_pipelines.live.service import LiveService
+
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 100
+MAX_SPAN = timedelta(days=31)
+STATUSES = {"open", "partially_filled", "filled", "cancelled"}
+STATUS_GROUPS = {"active": ("open", "partially_filled"), "history": ("filled", "cancelled")}
+_TRADER = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_KNOWN = {
+    "/api/depth": {"market", "levels"},
+    "/api/trades": {"market", "limit", "cursor", "since", "until"},
+    "/api/orders": {"trader", "market", "status", "limit", "cursor"},
+    "/api/markets/summary": set(),
+}
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class BadRequest(Exception):
+    def __init__(self, parameter: str, message: str, status: int = 400, code: str = "invalid_parameter"):
+        super().__init__(message)
+        self.parameter, self.message, self.status, self.code = parameter, message, status, code
+
+
+class JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _err(e: BadRequest) -> JSON:
+    return JSON({"error": {"code": e.code, "message": e.message, "parameter": e.parameter}}, status_code=e.status)
+
+
+def _int(q: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadRequest(name, f"{name} must be an integer between {lo} and {hi}") from None
+    if not lo <= v <= hi:
+        raise BadRequest(name, f"{name} must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _time(q: dict[str, str], name: str) -> datetime | None:
+    raw = q.get(name)
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(name, f"{name} must be an ISO-8601 timestamp") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def encode_cursor(*key: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
+
+
+def decode_cursor(raw: str | None, n: int) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    try:
+        key = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if isinstance(key, list) and len(key) == n and all(type(k) is int for k in key):
+            return tuple(key)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        pass
+    raise BadRequest("cursor", "cursor is not one this API issued")
+
+
+class Api:
+    def __init__(self, service: LiveService):
+        self.s = service
+
+    def _query(self, request: Request) -> dict[str, str]:
+        q = dict(request.query_params)
+        unknown = sorted(set(q) - _KNOWN[request.url.path])
+        if unknown:
+            raise BadRequest(unknown[0], f"unknown parameter(s) {unknown}")
+        for k, v in q.items():
+            if len(v) > 256:
+                raise BadRequest(k, f"{k} is too long")
+        return q
+
+    def _market(self, q: dict[str, str], required: bool = True) -> int | None:
+        name = q.get("market")
+        if name is None:
+            if required:
+                raise BadRequest("market", "market is required")
+            return None
+        m = self.s.hub.by_name.get(name)
+        if m is None or m not in self.s.hub.publishable:
+            raise BadRequest("market", f"unknown market {name!r}", 404, "unknown_market")
+        return m
+
+    def timed(self, route: str, fn: Handler) -> Handler:
+        async def handler(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                return await fn(request)
+            except BadRequest as e:
+                return _err(e)
+            finally:
+                metrics.API_LATENCY.labels(route).observe(time.perf_counter() - t0)
+
+        return handler
+
+    # -- routes ---------------------------------------------------------------------------------------------
+    async def depth(self, request: Request) -> Response:
+        q = self._query(request)
+        m = self._market(q)
+        levels = _int(q, "levels", 20, 1, 100)
+        v = self.s.hub.views.get(m)  # type: ignore[arg-type]
+        if v is None:
+            raise BadRequest("market", "no book for this market yet", 503, "not_ready")
+        bids, asks = v.bids[:levels], v.asks[:levels]
+        return JSON({"market": q["market"], "seq": v.seq, "block": {"number": v.block_number, "hash": v.block_hash},
+                     "bids": [[str(p), str(s)] for p, s in bids], "asks": [[str(p), str(s)] for p, s in asks],
+                     "checksum": book_checksum(bids, asks, levels), "paused": self.s.hub.is_paused(m)})  # type: ignore[arg-type]
+
+    async def trades(self, request: Request) -> Response:
+        q = self._query(request)
+        m = self._market(q)
+        limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        cursor = decode_cursor(q.get("cursor"), 2)
+        since, until = _time(q, "since"), _time(q, "until")
+        if since and until and until - since > MAX_SPAN:
+            raise BadRequest("until", f"the time range is limited to {MAX_SPAN.days} days")
+        if since and until and until < since:
+            raise BadRequest("until", "until is before since")
+        if since and not until:
+            until = since + MAX_SPAN
+        if until and not since:
+            since = until - MAX_SPAN
+        sql = ("SELECT block_number, log_index, block_time, tx_hash, price, quantity, buyer, seller FROM trades "
+               "WHERE market_id = :m AND (CAST(:cb AS bigint) IS NULL OR (block_number, log_index) < (:cb, :cl)) "
+               "AND (CAST(:since AS timestamptz) IS NULL OR block_time >= :since) "
+               "AND (CAST(:until AS timestamptz) IS NULL OR block_time < :until) "
+               "ORDER BY block_number DESC, log_index DESC LIMIT :lim")
+        params = {"m": m, "cb": cursor[0] if cursor else None, "cl": cursor[1] if cursor else None,
+                  "since": since, "until": until, "lim": limit + 1}
+        rows = await run_in_threadpool(self._rows, sql, params)
+        page = rows[:limit]
+        nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
+        return JSON({"market": q["market"], "trades": [
+            {"block": r[0], "log_index": r[1], "time": r[2].isoformat(), "tx": r[3], "price": str(r[4]),
+             "quantity": str(r[5]), "buyer": r[6], "seller": r[7]} for r in page], "next_cursor": nxt})
+
+    async def orders(self, request: Request) -> Response:
+        q = self._query(request)
+        trader = q.get("trader")
+        if trader is not None and not _TRADER.match(trader):
+            raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
+        m = self._market(q, required=trader is None)
+        status = q.get("status")
+        if status is not None and status not in STATUSES and status not in STATUS_GROUPS:
+            raise BadRequest("status", f"status must be one of {sorted(STATUSES | set(STATUS_GROUPS))}")
+        statuses = list(STATUS_GROUPS.get(status, (status,))) if status else None
+        limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        cursor = decode_cursor(q.get("cursor"), 2)
+        published = sorted(self.s.hub.publishable)
+        sql = ("SELECT o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
+               "o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block FROM orders o "
+               "WHERE o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
+               "AND (CAST(:m AS integer) IS NULL OR o.market_id = :m) "
+               "AND (CAST(:st AS text[]) IS NULL OR o.status = ANY(:st)) "
+               "AND (CAST(:cb AS bigint) IS NULL OR (o.created_block, o.created_log) < (:cb, :cl)) "
+               "ORDER BY o.created_block DESC, o.created_log DESC LIMIT :lim")
+        params = {"pub": published, "t": trader.lower() if trader else None, "m": m, "st": statuses,
+                  "cb": cursor[0] if cursor else None, "cl": cursor[1] if cursor else None, "lim": limit + 1}
+        rows = await run_in_threadpool(self._rows, sql, params)
+        page = rows[:limit]
+        nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
+        names = self.s.hub.names
+        return JSON({"orders": [
+            {"market": names.get(r[2]), "order_id": r[3], "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
+             "type": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
+             "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "created_block": r[0],
+             "updated_block": r[12]} for r in page], "next_cursor": nxt})
+
+    async def summary(self, request: Request) -> Response:
+        self._query(request)
+        hub = self.s.hub
+        since = datetime.now(UTC) - timedelta(hours=24)
+        stats = {r[0]: r for r in await run_in_threadpool(self._rows, (
+            "SELECT market_id, sum(quantity), max(price), min(price), "
+            "(array_agg(price ORDER BY block_number DESC, log_index DESC))[1], count(*) FROM trades "
+            "WHERE block_time >= :since AND market_id = ANY(:pub) GROUP BY market_id"),
+            {"since": since, "pub": sorted(hub.publishable)})}
+        oi = dict(await run_in_threadpool(self._rows, (
+            "SELECT market_id, sum(net_quantity) FROM positions WHERE net_quantity > 0 AND market_id = ANY(:pub) "
+            "GROUP BY market_id"), {"pub": sorted(hub.publishable)}))
+        out = []
+        for m in sorted(hub.publishable):
+            v = hub.views.get(m)
+            bid = v.bids[0][0] if v and v.bids else None
+            ask = v.asks[0][0] if v and v.asks else None
+            s = stats.get(m)
+            out.append({
+                "market": hub.names.get(m), "best_bid": _s(bid), "best_ask": _s(ask),
+                "mid": _s((bid + ask) // 2 if bid and ask else None), "spread": _s(ask - bid if bid and ask else None),
+                "volume_24h": _s(s[1] if s else 0), "high_24h": _s(s[2] if s else None),
+                "low_24h": _s(s[3] if s else None), "last": _s(s[4] if s else None), "trades_24h": s[5] if s else 0,
+                "open_interest": _s(oi.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
+        return JSON({"markets": out})
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
+        with self.s.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
+def _s(v: Any) -> str | None:
+    return None if v is None else str(v)

@@ -1,0 +1,215 @@
+"""Follows the chain tip block by block and turns it into book updates for the live service.
+
+Synchronous on purpose: it runs in its own thread with the one RPC client, decoder and book model of the
+project, and hands updates to the async side through a callback. Per block: header, parent-hash check, logs by
+block hash, decode, normalize, apply with undo log. A parent mismatch or a head that went back triggers a
+walk back to the common ancestor, a rollback, and the new branch; the corrections reach clients as deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from orderbook_pipelines.book.model import BookEvent
+from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
+from orderbook_pipelines.config import ProjectConfig
+from orderbook_pipelines.decoding import DecodedLog, Decoder
+from orderbook_pipelines.ingest import log_addresses
+from orderbook_pipelines.live.coldstart import books_from_events, final_height, order_key
+from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, MarketView
+from orderbook_pipelines.normalize import MarketRegistry, OrderEventRow, normalize
+from orderbook_pipelines.storage import registry as reg_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Update:
+    """What one step produced: new market views, the block's event rows, and why (block | reorg | reset)."""
+
+    reason: str
+    views: list[MarketView]
+    rows: list[OrderEventRow] = field(default_factory=list)
+    reverted_from: int | None = None
+    block_seen_at: float = 0.0
+
+
+@dataclass
+class FollowerStats:
+    blocks: int = 0
+    reorgs: int = 0
+    max_reorg_depth: int = 0
+    resets: int = 0
+    cold_start_s: float = 0.0
+    cold_start_block: int = -1
+    head_seen: int = -1
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Follower:
+    def __init__(self, config: ProjectConfig, client: ChainClient, engine: Engine,
+                 on_update: Callable[[Update], None], keep_blocks: int = 64, poll_s: float = 0.05,
+                 registry_refresh_s: float = 5.0):
+        self.config = config
+        self.client = client
+        self.engine = engine
+        self.on_update = on_update
+        self.books = LiveBooks(keep_blocks)
+        self.poll_s = poll_s
+        self.registry_refresh_s = registry_refresh_s
+        self.stats = FollowerStats()
+        self.market_names: dict[int, str] = {}
+        self._registry = MarketRegistry({}, {})
+        self._addresses: list[str] = []
+        self._decoder: Decoder | None = None
+        self._registry_at = 0.0
+        self._stop = threading.Event()
+
+    # -- registry -------------------------------------------------------------------------------------------
+    def refresh_registry(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._registry_at < self.registry_refresh_s:
+            return
+        cid = self.config.chain.chain_id
+        with self.engine.begin() as conn:
+            reg_store.sync_configured_markets(conn, self.config)
+            self._registry = reg_store.load_registry(conn, cid)
+            addr_sources = log_addresses(self.config, reg_store.market_addresses(conn, cid))
+            self.market_names = reg_store.market_names(conn, cid)
+        self._addresses = sorted(addr_sources)
+        self._decoder = Decoder(self.config, addr_sources)
+        self._registry_at = time.monotonic()
+
+    # -- start ----------------------------------------------------------------------------------------------
+    def cold_start(self) -> None:
+        """Books at the highest fully stored final block, then every block after it up to the head."""
+        t0 = time.perf_counter()
+        self.refresh_registry(force=True)
+        c = self.config.chain
+        h, h_hash = final_height(self.engine, c.chain_id, c.start_block)
+        books = books_from_events(self.engine, c.chain_id, h) if h >= c.start_block else {}
+        header = self.client.header(max(h, 0))
+        if h_hash is not None and header.hash != h_hash:
+            raise DeepReorg(f"stored final block {h} ({h_hash}) is not on the chain ({header.hash}): "
+                            "run reconciliation before starting the live service")
+        self.books.load(books, BlockRef(header.number, header.hash, header.parent_hash))
+        self._catch_up_final()
+        self.stats.cold_start_s = time.perf_counter() - t0
+        self.stats.cold_start_block = self.books.head.number if self.books.head else -1
+        markets = sorted(set(self.books.books) | set(self.market_names))
+        self.on_update(Update("reset", [self.books.view(m) for m in markets]))
+
+    def _catch_up_final(self) -> None:
+        """Blocks already final on chain but not in Postgres: one ranged getLogs, applied without undo logs."""
+        assert self.books.head is not None
+        safe = self.client.safe_head(self.config.chain.finality, self.config.chain.confirmations)
+        start = self.books.head.number + 1
+        if safe < start:
+            return
+        logs = self.client.get_logs(start, safe, self._addresses) if self._addresses else []
+        by_block: dict[int, list[dict]] = defaultdict(list)
+        for lg in logs:
+            by_block[int(lg["blockNumber"], 16)].append(lg)
+        headers = self.client.headers(sorted(set(by_block) | {safe}))
+        for n in sorted(by_block):
+            rows = self._rows(by_block[n])
+            self.books.apply_block(_ref(headers[n]), self._events(rows), final=True)
+            self.books.head = _ref(headers[n])
+        self.books.head = _ref(headers[safe])
+
+    # -- follow ---------------------------------------------------------------------------------------------
+    def step(self, max_blocks: int = 500) -> int:
+        """Process what the chain has now; returns the number of blocks applied."""
+        self.refresh_registry()
+        assert self.books.head is not None
+        head = self.client.block_number()
+        self.stats.head_seen = head
+        applied = 0
+        if head < self.books.head.number:
+            self._reorg(head)
+        n = self.books.head.number + 1
+        while n <= head and applied < max_blocks:
+            seen = time.perf_counter()
+            hdr = self.client.header(n)
+            if hdr.parent_hash != self.books.head.hash:
+                self._reorg(n - 1)
+                n = self.books.head.number + 1
+                continue
+            rows = self._rows(self.client.get_block_logs(hdr.hash, self._addresses) if self._addresses else [])
+            touched = self.books.apply_block(_ref(hdr), self._events(rows))
+            self.stats.blocks += 1
+            applied += 1
+            if touched or rows:
+                self.on_update(Update("block", [self.books.view(m) for m in sorted(touched)], rows,
+                                      block_seen_at=seen))
+            n += 1
+        if applied:
+            self.stats.last_progress = time.monotonic()
+        return applied
+
+    def _reorg(self, from_number: int) -> None:
+        """Walk back from `from_number` to the newest block whose hash we share with the chain; roll back."""
+        assert self.books.head is not None
+        k = min(from_number, self.books.head.number)
+        floor = self.books.oldest_kept()
+        while True:
+            ours = self.books.hash_at(k)
+            if ours is None or (floor is not None and k < floor):
+                self._reset(f"fork point below block {k}: deeper than the {self.books.keep_blocks} blocks kept")
+                return
+            if self.client.header(k).hash == ours:
+                break
+            k -= 1
+        depth = self.books.head.number - k
+        try:
+            touched = self.books.rollback_to(k)
+        except DeepReorg as exc:
+            self._reset(str(exc))
+            return
+        self.stats.reorgs += 1
+        self.stats.max_reorg_depth = max(self.stats.max_reorg_depth, depth)
+        log.warning("reorg: rolled back %d block(s) to %d", depth, k)
+        self.on_update(Update("reorg", [self.books.view(m) for m in sorted(touched)], reverted_from=k + 1))
+
+    def _reset(self, why: str) -> None:
+        log.error("live books reset: %s", why)
+        self.stats.resets += 1
+        self.cold_start()
+
+    def run(self) -> None:
+        """Thread body: follow until stopped; transient RPC trouble is logged and retried."""
+        while not self._stop.is_set():
+            try:
+                if self.step() == 0:
+                    self._stop.wait(self.poll_s)
+            except Exception:  # keep following; /ready reports staleness
+                log.exception("follower step failed")
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def _rows(self, logs: list[dict]) -> list[OrderEventRow]:
+        assert self._decoder is not None
+        decoded = [d for d in (self._decoder.decode(lg) for lg in logs) if isinstance(d, DecodedLog)]
+        return normalize(decoded, self._registry, self.config.chain.chain_id)
+
+    @staticmethod
+    def _events(rows: list[OrderEventRow]) -> dict[int, list[BookEvent]]:
+        out: dict[int, list[BookEvent]] = defaultdict(list)
+        for r in rows:
+            if r.market_id is not None and r.kind in ("open", "fill", "cancel") and r.order_id is not None:
+                out[r.market_id].append(BookEvent(r.kind, order_key(r.contract, r.order_id), r.side,
+                                                  r.order_type, r.price, r.quantity))
+        return out
+
+
+def _ref(h: BlockHeader) -> BlockRef:
+    return BlockRef(h.number, h.hash, h.parent_hash)

@@ -1,0 +1,204 @@
+"""The WebSocket protocol endpoint (docs/websocket-protocol.md): validation, limits, one sender task per client."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import orjson
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from orderbook_pipelines.live import metrics
+from orderbook_pipelines.live.hub import DEPTHS, INTERVALS, Conn, Hub, dumps
+
+_TRADER = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_MAX_RATE_VIOLATIONS = 50
+
+
+def error(code: str, message: str, req_id: Any = None) -> str:
+    metrics.WS_ERRORS.labels(code).inc()
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if req_id is not None:
+        msg["id"] = req_id
+    return dumps(msg)
+
+
+class WsEndpoint:
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.rate = RateLimitItemPerSecond(hub.limits.messages_per_second)
+
+    async def serve(self, ws: WebSocket) -> None:
+        hub, limits = self.hub, self.hub.limits
+        client = ws.client.host if ws.client else "unknown"
+        await ws.accept()
+        if hub.connections[client] >= limits.max_connections_per_client:
+            await ws.send_text(error("too_many_connections",
+                                     f"at most {limits.max_connections_per_client} connections per client"))
+            await ws.close(1008)
+            return
+        hub.connections[client] += 1
+        metrics.CLIENTS.inc()
+        conn = Conn(hub, client, limits)
+        sender = asyncio.create_task(self._sender(ws, conn))
+        violations = 0
+        try:
+            while not conn.closing:
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=limits.idle_timeout_s)
+                except TimeoutError:
+                    conn.close(4001, "idle_timeout", f"no message for {limits.idle_timeout_s:.0f}s; send ping")
+                    break
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text is None:
+                    conn.send(error("bad_request", "binary frames are not supported; send JSON text"))
+                    continue
+                if len(text.encode()) > limits.max_message_bytes:
+                    conn.close(1009, "message_too_large", f"messages are limited to {limits.max_message_bytes} bytes")
+                    break
+                if not await self.limiter.hit(self.rate, str(id(conn))):
+                    violations += 1
+                    if violations > _MAX_RATE_VIOLATIONS:
+                        conn.close(4029, "rate_limited", "too many messages; disconnected")
+                        break
+                    conn.send(error("rate_limited", f"at most {limits.messages_per_second} messages per second"))
+                    continue
+                self.handle(conn, text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            hub.drop(conn)
+            hub.connections[client] -= 1
+            metrics.CLIENTS.dec()
+            if conn.closing:
+                try:
+                    await asyncio.wait_for(sender, timeout=5)
+                except (TimeoutError, Exception):
+                    sender.cancel()
+            else:
+                sender.cancel()
+
+    @staticmethod
+    async def _sender(ws: WebSocket, conn: Conn) -> None:
+        try:
+            while True:
+                item = await conn.queue.get()
+                if isinstance(item, tuple):
+                    code_name, code, message = item
+                    await ws.send_text(error(code_name, message))
+                    await ws.close(code)
+                    return
+                await ws.send_text(item)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+    # -- protocol -------------------------------------------------------------------------------------------
+    def handle(self, conn: Conn, text: str) -> None:
+        try:
+            req = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            conn.send(error("bad_request", f"not valid JSON: {exc}"))
+            return
+        if not isinstance(req, dict):
+            conn.send(error("bad_request", "a message must be a JSON object"))
+            return
+        rid = req.get("id")
+        op = req.get("op")
+        if op == "ping":
+            conn.send(dumps({"type": "pong", "id": rid}))
+        elif op in ("subscribe", "unsubscribe"):
+            self._subscription(conn, op, req, rid)
+        else:
+            conn.send(error("unknown_op", f"unknown op {op!r}; expected subscribe, unsubscribe or ping", rid))
+
+    def _market(self, conn: Conn, req: dict, rid: Any) -> int | None:
+        name = req.get("market")
+        if not isinstance(name, str):
+            conn.send(error("bad_request", "'market' (string) is required", rid))
+            return None
+        m = self.hub.by_name.get(name)
+        if m is None:
+            conn.send(error("unknown_market", f"unknown market {name!r}", rid))
+            return None
+        if m not in self.hub.publishable:
+            conn.send(error("market_not_published", f"market {name!r} is not published (canary or paused)", rid))
+            return None
+        return m
+
+    def _subscription(self, conn: Conn, op: str, req: dict, rid: Any) -> None:
+        hub, channel = self.hub, req.get("channel")
+        if channel not in ("book", "trades", "orders"):
+            conn.send(error("unknown_channel", f"unknown channel {channel!r}; expected book, trades or orders", rid))
+            return
+        if op == "subscribe" and conn.subscription_count >= hub.limits.max_subscriptions:
+            conn.send(error("too_many_subscriptions",
+                            f"at most {hub.limits.max_subscriptions} subscriptions per connection", rid))
+            return
+        if channel == "orders":
+            trader = req.get("trader")
+            if not isinstance(trader, str) or not _TRADER.match(trader):
+                conn.send(error("bad_request", "'trader' must be a 0x-prefixed 20-byte hex address", rid))
+                return
+            trader = trader.lower()
+            self._toggle(conn, op, trader in conn.orders, rid, channel,
+                         lambda: (conn.orders.add(trader), hub.order_subs[trader].add(conn)),
+                         lambda: (conn.orders.discard(trader), hub.order_subs[trader].discard(conn)),
+                         {"trader": trader})
+            return
+        m = self._market(conn, req, rid)
+        if m is None:
+            return
+        name = hub.names[m]
+        if channel == "trades":
+            self._toggle(conn, op, m in conn.trades, rid, channel,
+                         lambda: (conn.trades.add(m), hub.trade_subs[m].add(conn)),
+                         lambda: (conn.trades.discard(m), hub.trade_subs[m].discard(conn)), {"market": name})
+            return
+        depth, interval = req.get("depth", 20), req.get("interval_ms", 0)
+        if depth not in DEPTHS or isinstance(depth, bool):
+            conn.send(error("invalid_depth", f"depth must be one of {list(DEPTHS)}", rid))
+            return
+        if interval not in INTERVALS or isinstance(interval, bool):
+            conn.send(error("invalid_interval", f"interval_ms must be one of {list(INTERVALS)}", rid))
+            return
+        key = (m, depth, interval)
+        if op == "subscribe":
+            if key in conn.books:
+                conn.send(error("already_subscribed", "already subscribed to this book channel", rid))
+                return
+            snapshot = hub.subscribe_book(conn, m, depth, interval)
+            conn.send(dumps({"type": "subscribed", "id": rid, "channel": "book", "market": name, "depth": depth,
+                             "interval_ms": interval}))
+            conn.send(snapshot)
+        else:
+            if key not in conn.books:
+                conn.send(error("not_subscribed", "not subscribed to this book channel", rid))
+                return
+            hub.unsubscribe_book(conn, key)
+            conn.send(dumps({"type": "unsubscribed", "id": rid, "channel": "book", "market": name, "depth": depth,
+                             "interval_ms": interval}))
+
+    @staticmethod
+    def _toggle(conn: Conn, op: str, present: bool, rid: Any, channel: str, add: Any, remove: Any,
+                what: dict[str, Any]) -> None:
+        if op == "subscribe":
+            if present:
+                conn.send(error("already_subscribed", f"already subscribed to this {channel} channel", rid))
+                return
+            add()
+            metrics.SUBSCRIPTIONS.inc()
+            conn.send(dumps({"type": "subscribed", "id": rid, "channel": channel, **what}))
+        else:
+            if not present:
+                conn.send(error("not_subscribed", f"not subscribed to this {channel} channel", rid))
+                return
+            remove()
+            metrics.SUBSCRIPTIONS.dec()
+            conn.send(dumps({"type": "unsubscribed", "id": rid, "channel": channel, **what}))

@@ -1,0 +1,147 @@
+"""Runs the live service for real (uvicorn on a loopback port, in a thread) and a verifying WebSocket client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from websockets.sync.client import ClientConnection, connect
+
+from orderbook_pipelines.live.hub import Limits
+from orderbook_pipelines.live.service import LiveService, ServiceOptions
+from orderbook_pipelines.storage.db import engine_for
+from tests.conftest import DevChain, free_port
+
+
+@contextmanager
+def running_service(chain: DevChain, db: str, limits: Limits | None = None, redis_url: str | None = None,
+                    admin_token: str | None = None, redis_prefix: str = "obp:") -> Iterator[tuple[LiveService, str]]:
+    service = LiveService(chain.config, engine_for(db), limits,
+                          ServiceOptions(poll_s=0.01, admin_token=admin_token, markets_refresh_s=0.5),
+                          redis_url=redis_url, redis_prefix=redis_prefix)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning",
+                                           ws_max_size=(limits or Limits()).max_message_bytes * 4))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("live service did not start")
+        time.sleep(0.05)
+    try:
+        yield service, f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def wait_until_current(service: LiveService, chain: DevChain, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        head = chain.anvil.w3.eth.block_number
+        applied = service.follower.books.head
+        chain_hash = chain.anvil.w3.eth.get_block(head)["hash"].to_0x_hex()
+        if applied is not None and applied.number == head and applied.hash == chain_hash:
+            time.sleep(0.2)  # let the loop flush the last deltas
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"live books at {applied} while the chain is at {head}")
+        time.sleep(0.05)
+
+
+def reference_checksum(bids: list[tuple[int, int]], asks: list[tuple[int, int]], depth: int) -> int:
+    """The checksum as docs/websocket-protocol.md defines it, written independently of the server code."""
+    parts = []
+    for i in range(min(depth, 25)):
+        if i < len(bids):
+            parts.append(f"{bids[i][0]}:{bids[i][1]}")
+        if i < len(asks):
+            parts.append(f"{asks[i][0]}:{asks[i][1]}")
+    return zlib.crc32(":".join(parts).encode())
+
+
+class BookClient:
+    """A client that follows the documented sync rule: snapshot, then deltas whose prev_seq equals the last seq;
+    on a gap or a checksum mismatch it resubscribes."""
+
+    def __init__(self, url: str, market: str, depth: int = 100, interval_ms: int = 0):
+        self.ws: ClientConnection = connect(f"ws://{url}/ws", max_size=2**22)
+        self.market, self.depth, self.interval_ms = market, depth, interval_ms
+        self.bids: dict[int, int] = {}
+        self.asks: dict[int, int] = {}
+        self.seq = -1
+        self.gaps = self.checksum_failures = self.resyncs = self.deltas = 0
+        self.drop_next_delta = False
+        self._subscribe()
+
+    def _sub_msg(self, op: str) -> str:
+        return json.dumps({"op": op, "channel": "book", "market": self.market, "depth": self.depth,
+                           "interval_ms": self.interval_ms})
+
+    def _subscribe(self) -> None:
+        self.ws.send(self._sub_msg("subscribe"))
+
+    def _resubscribe(self) -> None:
+        self.resyncs += 1
+        self.seq = -1
+        self.ws.send(self._sub_msg("unsubscribe"))
+        self._subscribe()
+
+    def levels(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        bids = sorted(self.bids.items(), key=lambda x: -x[0])[: self.depth]
+        asks = sorted(self.asks.items())[: self.depth]
+        return bids, asks
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        t = msg.get("type")
+        if t == "snapshot" and msg["market"] == self.market:
+            self.bids = {int(p): int(q) for p, q in msg["bids"]}
+            self.asks = {int(p): int(q) for p, q in msg["asks"]}
+            self.seq = msg["seq"]
+            self._verify(msg)
+        elif t == "delta" and msg["market"] == self.market:
+            if self.seq < 0:
+                return  # between unsubscribe and the new snapshot
+            if self.drop_next_delta:
+                self.drop_next_delta = False
+                return
+            if msg["prev_seq"] != self.seq:
+                self.gaps += 1
+                self._resubscribe()
+                return
+            self.deltas += 1
+            for side, book in (("bids", self.bids), ("asks", self.asks)):
+                for p, q in msg[side]:
+                    if int(q) == 0:
+                        book.pop(int(p), None)
+                    else:
+                        book[int(p)] = int(q)
+            self.seq = msg["seq"]
+            self._verify(msg)
+        elif t == "error":
+            raise AssertionError(f"server error: {msg}")
+
+    def _verify(self, msg: dict[str, Any]) -> None:
+        bids, asks = self.levels()
+        if reference_checksum(bids, asks, self.depth) != msg["checksum"]:
+            self.checksum_failures += 1
+            self._resubscribe()
+
+    def drain(self, quiet_s: float = 0.5) -> None:
+        """Read until the server has been quiet for `quiet_s`."""
+        while True:
+            try:
+                raw = self.ws.recv(timeout=quiet_s)
+            except TimeoutError:
+                return
+            self.handle(json.loads(raw))
+
+    def close(self) -> None:
+        self.ws.close()
