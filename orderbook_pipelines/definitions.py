@@ -3,17 +3,22 @@
 from dagster import Definitions, in_process_executor
 
 from orderbook_pipelines.assets.ingestion import ingestion_assets
+from orderbook_pipelines.assets.reconciliation import reconcile_job, reconciliation_assets
 from orderbook_pipelines.assets.snapshots import SnapshotStoreResource, snapshot_assets, snapshot_job
+from orderbook_pipelines.checks import asset_checks, check_job
 from orderbook_pipelines.jobs import ingest_job
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
 from orderbook_pipelines.sensors.chain_head import chain_head_sensor
+from orderbook_pipelines.sensors.reconciliation import reconcile_schedule, reorg_failure_sensor
 
 _settings = SettingsResource()
 
 defs = Definitions(
-    assets=[*ingestion_assets, *snapshot_assets],
-    jobs=[ingest_job, snapshot_job],
-    sensors=[chain_head_sensor],
+    assets=[*ingestion_assets, *snapshot_assets, *reconciliation_assets],
+    asset_checks=asset_checks,
+    jobs=[ingest_job, snapshot_job, reconcile_job, check_job],
+    sensors=[chain_head_sensor, reorg_failure_sensor],
+    schedules=[reconcile_schedule],
     resources={
         "settings": _settings,
         "chain": ChainResource(settings=_settings),

@@ -1,0 +1,192 @@
+"""Asset checks on a real chain: they run with every ingestion partition and pass on the simulated history,
+and after a row is corrupted they fail with metadata naming the market, level or order that differs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import yaml
+from dagster import AssetCheckEvaluation, DagsterInstance, Definitions, materialize
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from orderbook_pipelines.assets.ingestion import ingestion_assets
+from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.checks import BOOK_CHECK, INVARIANTS_CHECK, asset_checks, check_books, check_job
+from orderbook_pipelines.config import load_config
+from orderbook_pipelines.definitions import defs
+from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
+from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
+from orderbook_pipelines.storage.db import drop_database, engine_for, libpq_url
+from tests.conftest import DevChain, new_database
+
+
+def _ranges(chain: DevChain) -> list[tuple[int, int]]:
+    c = chain.config.chain
+    return ranges_up_to(c.start_block, c.range_size, chain.anvil.w3.eth.block_number - c.confirmations)
+
+
+@pytest.fixture(scope="module")
+def wide_config(simulated_chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The simulated chain's config with an order sample large enough to include every open order."""
+    doc = yaml.safe_load(simulated_chain.config_path.read_text())
+    doc["reconciliation"] = {"check_orders_per_run": 100_000}
+    path = tmp_path_factory.mktemp("checks") / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def _resources(config_path: str, db: str) -> dict[str, object]:
+    settings = SettingsResource(config_path=config_path)
+    return {"settings": settings, "chain": ChainResource(settings=settings),
+            "postgres": PostgresResource(database_url=db)}
+
+
+def _evaluations(result) -> dict[str, AssetCheckEvaluation]:  # type: ignore[no-untyped-def]
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+@pytest.fixture(scope="module")
+def checked(simulated_chain: DevChain, wide_config: str) -> Iterator[tuple[str, dict[str, list]]]:
+    """Every range materialized by Dagster with the checks attached, as the ingestion job runs them."""
+    db = new_database()
+    instance = DagsterInstance.ephemeral()
+    keys = [range_key(a, b) for a, b in _ranges(simulated_chain)]
+    instance.add_dynamic_partitions(block_ranges.name, keys)
+    evaluations: dict[str, list] = {BOOK_CHECK: [], INVARIANTS_CHECK: []}
+    for key in keys:
+        result = materialize([*ingestion_assets, *asset_checks], partition_key=key, instance=instance,
+                             resources=_resources(wide_config, db))
+        assert result.success, key
+        for name, ev in _evaluations(result).items():
+            evaluations[name].append(ev)
+    yield db, evaluations
+    drop_database(db)
+
+
+def clone(db: str) -> str:
+    """A copy of a test database (CREATE DATABASE … TEMPLATE), so corruption stays local to one test."""
+    engine_for(db).dispose()
+    src = make_url(libpq_url(db))
+    dst = src.set(database=f"{src.database}_c{abs(hash(object())) % 10**6}")
+    admin = libpq_url(src.set(database="postgres").render_as_string(hide_password=False))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dst.database}" TEMPLATE "{src.database}"')
+    return dst.render_as_string(hide_password=False)
+
+
+def test_checks_are_part_of_the_ingestion_job_and_blocking() -> None:
+    job = defs.resolve_job_def("ingest_block_range")
+    assert {f"orders_{BOOK_CHECK}", f"orders_{INVARIANTS_CHECK}"} <= set(job.graph.node_dict)
+    for chk in asset_checks:
+        assert all(spec.blocking for spec in chk.check_specs)
+
+
+def test_checks_pass_on_every_range_of_the_simulated_chain(simulated_chain: DevChain,
+                                                           checked: tuple[str, dict[str, list]]) -> None:
+    db, evaluations = checked
+    n = len(_ranges(simulated_chain))
+    for name in (BOOK_CHECK, INVARIANTS_CHECK):
+        assert len(evaluations[name]) == n
+        assert all(ev.passed for ev in evaluations[name]), [ev.description for ev in evaluations[name]]
+    last = evaluations[BOOK_CHECK][-1]
+    assert last.metadata["markets_checked"].value == 12
+    assert last.metadata["orders_checked"].value > 50
+    with engine_for(db).connect() as conn:
+        rows = conn.execute(text("SELECT check_name, count(*), bool_and(passed) FROM market_checks "
+                                 "GROUP BY 1 ORDER BY 1")).all()
+    assert {r[0]: (r[1], r[2]) for r in rows}[BOOK_CHECK] == (12 * n, True)
+
+
+def _run_checks(config_path: str, db: str, key: str) -> dict[str, AssetCheckEvaluation]:
+    """The `check_block_range` job: the checks alone, on stored data, as an operator re-runs them."""
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(block_ranges.name, [key])
+    job = Definitions(assets=ingestion_assets, asset_checks=asset_checks, jobs=[check_job],
+                      resources=_resources(config_path, db)).resolve_job_def("check_block_range")
+    result = job.execute_in_process(tags={"dagster/partition": key}, instance=instance, raise_on_error=False)
+    return _evaluations(result)
+
+
+def test_a_corrupted_fill_amount_fails_both_checks_and_names_the_order(simulated_chain: DevChain,
+                                                                       checked: tuple[str, dict], wide_config: str
+                                                                       ) -> None:
+    db = clone(checked[0])
+    try:
+        a, b = _ranges(simulated_chain)[-1]
+        with engine_for(db).begin() as conn:
+            victim = conn.execute(text(
+                "SELECT o.contract, o.order_id, o.quantity, m.metric_id FROM orders o JOIN markets m USING "
+                "(market_id) WHERE o.status = 'open' ORDER BY o.contract, o.order_id LIMIT 1")).one()
+            conn.execute(text("UPDATE orders SET filled = quantity + 1, updated_block = :b "
+                              "WHERE contract = :c AND order_id = :o"), {"c": victim.contract, "o": victim.order_id,
+                                                                        "b": a})
+        ev = _run_checks(wide_config, db, range_key(a, b))
+        book, inv = ev[BOOK_CHECK], ev[INVARIANTS_CHECK]
+        assert not book.passed and not inv.passed
+        assert book.metadata["failed_markets"].value == victim.metric_id
+        order = book.metadata["differences"].value[victim.metric_id]["orders"][0]
+        assert order["order"] == f"{victim.contract}:{victim.order_id}"
+        assert order["ours"]["filled"] == str(victim.quantity + 1) and order["chain"]["filled"] == "0"
+        assert inv.metadata["violations"].value["overfilled"] == 1
+        assert inv.metadata["examples"].value["overfilled"][0]["order_id"] == victim.order_id
+        with engine_for(db).connect() as conn:
+            failed = conn.execute(text("SELECT m.metric_id, c.check_name FROM market_checks c JOIN markets m "
+                                       "USING (market_id) WHERE NOT c.passed AND c.range_start = :a ORDER BY 2"),
+                                  {"a": a}).all()
+        assert [tuple(r) for r in failed] == [(victim.metric_id, BOOK_CHECK), (victim.metric_id, INVARIANTS_CHECK)]
+    finally:
+        drop_database(db)
+
+
+def test_a_lost_open_event_shows_as_a_different_level_and_a_fill_without_order(simulated_chain: DevChain,
+                                                                               checked: tuple[str, dict],
+                                                                               wide_config: str) -> None:
+    db = clone(checked[0])
+    try:
+        ranges = _ranges(simulated_chain)
+        a, b = ranges[-1]
+        with engine_for(db).begin() as conn:
+            # A partially filled resting order: removing its open changes a level and orphans its fills.
+            victim = conn.execute(text(
+                "SELECT o.market_id, o.contract, o.order_id, o.side, o.price, m.metric_id FROM orders o "
+                "JOIN markets m USING (market_id) WHERE o.status = 'partially_filled' AND o.created_block >= :a0 "
+                "ORDER BY o.contract, o.order_id LIMIT 1"), {"a0": ranges[0][0]}).one()
+            conn.execute(text("DELETE FROM order_events WHERE contract = :c AND order_id = :o AND kind = 'open'"),
+                         {"c": victim.contract, "o": victim.order_id})
+            conn.execute(text("DELETE FROM orders WHERE contract = :c AND order_id = :o"),
+                         {"c": victim.contract, "o": victim.order_id})
+            fill_range = conn.execute(text(
+                "SELECT max(block_number) FROM order_events WHERE contract = :c AND order_id = :o AND kind = 'fill'"),
+                {"c": victim.contract, "o": victim.order_id}).scalar_one()
+        ev = _run_checks(wide_config, db, range_key(a, b))
+        book = ev[BOOK_CHECK]
+        assert not book.passed
+        diff = book.metadata["differences"].value[victim.metric_id]
+        side = "bid" if victim.side == 0 else "ask"
+        level = diff[f"{side}_levels"]
+        assert victim.price in {int(x["price"]) for x in (level["ours"], level["chain"]) if x}
+        # The invariant check of the range holding the orphaned fill names it.
+        fr = next((x, y) for x, y in ranges if x <= fill_range <= y)
+        inv = _run_checks(wide_config, db, range_key(*fr))[INVARIANTS_CHECK]
+        assert not inv.passed
+        assert any(v["order_id"] == victim.order_id for v in inv.metadata["examples"].value["fill_without_order"])
+    finally:
+        drop_database(db)
+
+
+def test_a_range_with_missing_history_is_not_evaluated(simulated_chain: DevChain, wide_config: str) -> None:
+    db = new_database()
+    try:
+        a, b = _ranges(simulated_chain)[-1]
+        from orderbook_pipelines.ingest import ingest_range
+
+        cfg = load_config(wide_config)
+        ingest_range(cfg, ChainClient(simulated_chain.anvil.url), engine_for(db), a, b)
+        report = check_books(cfg, ChainClient(simulated_chain.anvil.url), engine_for(db), a, b)
+        assert report.skipped and "are not ingested" in report.skipped
+        assert report.markets == []
+    finally:
+        drop_database(db)
