@@ -180,3 +180,50 @@ def test_a_clean_chain_needs_no_repair(simulated_chain: DevChain, indexed_sim: s
     assert report.mismatched == [] and report.reorg is None and not report.repaired
     assert sum(d.chain_events for d in report.diffs) == len(before[3]) > 1000
     assert _state(indexed_sim) == before
+
+
+def test_dagster_ingestion_fails_on_the_fork_the_sensor_asks_for_reconciliation_which_repairs_loudly(
+        forked: tuple[DevChain, str]) -> None:
+    from dagster import (
+        DagsterEventType,
+        DagsterInstance,
+        RunRequest,
+        build_run_status_sensor_context,
+        materialize,
+    )
+
+    from orderbook_pipelines.assets.ingestion import ingestion_assets
+    from orderbook_pipelines.assets.reconciliation import chain_reconciliation
+    from orderbook_pipelines.partitions import block_ranges, range_key
+    from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
+    from orderbook_pipelines.sensors.reconciliation import reorg_failure_sensor
+
+    chain, db = forked
+    settings = SettingsResource(config_path=str(chain.config_path))
+    resources = {"settings": settings, "chain": ChainResource(settings=settings),
+                 "postgres": PostgresResource(database_url=db)}
+    instance = DagsterInstance.ephemeral()
+    key = range_key(*_stored_ranges(db)[-1])
+    instance.add_dynamic_partitions(block_ranges.name, [key])
+    failed = materialize(ingestion_assets, partition_key=key, instance=instance, resources=resources,
+                         raise_on_error=False)
+    assert not failed.success
+    entry = instance.all_logs(failed.run_id, of_type=DagsterEventType.RUN_FAILURE)[0]
+    ctx = build_run_status_sensor_context(sensor_name="reorg_failure_sensor", dagster_event=entry.dagster_event,
+                                          dagster_instance=instance, dagster_run=failed.dagster_run
+                                          ).for_run_failure()
+    request = reorg_failure_sensor(ctx)
+    assert isinstance(request, RunRequest) and request.tags["obp/failed_run"] == failed.run_id
+
+    run_config = {"ops": {"chain_reconciliation": {"config": {"lookback_ranges": 100}}}}
+    first = materialize([chain_reconciliation], instance=instance, resources=resources, run_config=run_config,
+                        raise_on_error=False)
+    assert not first.success  # repaired, but a deep reorg is an incident: the run fails loudly
+    failure = next(e for e in first.all_events if e.event_type == DagsterEventType.STEP_FAILURE)
+    message = failure.step_failure_data.user_failure_data.description
+    assert "REORG DEEPER THAN THE CONFIRMATION DEPTH (0)" in message and "Repaired:" in message
+    second = materialize([chain_reconciliation], instance=instance, resources=resources, run_config=run_config)
+    meta = second.asset_materializations_for_node("chain_reconciliation")[0].metadata
+    assert meta["ranges_mismatched"].value == 0 and meta["ranges_checked"].value == len(_stored_ranges(db))
+    again = materialize(ingestion_assets, partition_key=key, instance=instance, resources=resources)
+    assert again.success
