@@ -4,6 +4,7 @@
 #   sim     - `orderbook devchain up`: deploys the reference contracts, writes $OBP_CONFIG,
 #             then runs the seeded order-flow simulator
 #   dagster - `dagster dev` (UI + daemon) on 127.0.0.1:$DAGSTER_PORT (default 3000), once $OBP_CONFIG exists
+#   live    - live depth service (WebSocket + REST) on 127.0.0.1:$OBP_LIVE_PORT (default 8080)
 # Postgres comes from scripts/ensure_postgres.sh (DATABASE_URL, 127.0.0.1:5432 or a project-local
 # cluster), Redis from scripts/ensure_redis.sh. Ctrl-C stops everything, including a project-local
 # Postgres/Redis that this script started.
@@ -17,6 +18,7 @@ die() { printf '[run] ERROR: %s\n' "$*" >&2; exit 1; }
 
 export OBP_ANVIL_PORT="${OBP_ANVIL_PORT:-8545}"
 export DAGSTER_PORT="${DAGSTER_PORT:-3000}"
+export OBP_LIVE_PORT="${OBP_LIVE_PORT:-8080}"
 DAGSTER_DB="${OBP_DAGSTER_DB:-orderbook_dagster}"
 
 # ------------------------------------------------------------- ports ----
@@ -36,7 +38,7 @@ PY
         timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
     fi
 }
-for spec in "OBP_ANVIL_PORT:chain RPC (anvil)" "DAGSTER_PORT:Dagster UI"; do
+for spec in "OBP_ANVIL_PORT:chain RPC (anvil)" "DAGSTER_PORT:Dagster UI" "OBP_LIVE_PORT:live depth service"; do
     var="${spec%%:*}"; what="${spec#*:}"; port="${!var}"
     if ! [[ "$port" =~ ^[0-9]+$ ]] || (( port < 1 || port > 65535 )); then
         die "$var must be a TCP port number (got '$port')."
@@ -106,7 +108,7 @@ with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     print(f"[run] created a fresh database {name} for Dagster's storage", file=sys.stderr)
-print(url.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False))
+print(url.set(drivername="postgresql+psycopg2", database=name).render_as_string(hide_password=False))
 PY
 )" || die "could not create/check the Dagster storage database '$DAGSTER_DB' (see above)."
 
@@ -139,6 +141,7 @@ cat >&2 <<BANNER
 ================================================================================
   orderbook local stack
     Dagster UI : http://127.0.0.1:$DAGSTER_PORT   (after contracts are deployed)
+    Live depth : ws://127.0.0.1:$OBP_LIVE_PORT/ws  REST http://127.0.0.1:$OBP_LIVE_PORT/api/markets/summary
     Chain RPC  : $OBP_RPC_URL   (anvil, chain id 31337)
     Database   : $(redact "$DATABASE_URL")   (Dagster storage: $DAGSTER_DB)
     Redis      : $(redact "$REDIS_URL")

@@ -23,7 +23,7 @@ from tests.conftest import DevChain, free_port
 def running_service(chain: DevChain, db: str, limits: Limits | None = None, redis_url: str | None = None,
                     admin_token: str | None = None, redis_prefix: str = "obp:") -> Iterator[tuple[LiveService, str]]:
     service = LiveService(chain.config, engine_for(db), limits,
-                          ServiceOptions(poll_s=0.01, admin_token=admin_token, markets_refresh_s=0.5),
+                          ServiceOptions(poll_s=0.5, admin_token=admin_token, markets_refresh_s=0.5),
                           redis_url=redis_url, redis_prefix=redis_prefix)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning",

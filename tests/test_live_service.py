@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from web3 import Web3
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from orderbook_pipelines.config import load_config
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.live.hub import Limits
@@ -62,6 +64,8 @@ def test_clients_follow_the_chain_through_reorgs_and_end_equal_to_the_contract(c
         for c in clients + coalesced:
             c.drain()
         assert service.follower.stats.reorgs >= 3
+        assert service.heads is not None and service.heads.notifications > 0  # pushed, not polled
+        assert httpx.get(f"http://{url}/health").json()["head_subscription"] is True
         for c in clients + coalesced:
             bids, asks = contract_levels(chain, c.market, c.depth)
             assert c.levels() == (bids, asks), f"{c.market} depth {c.depth} interval {c.interval_ms}"
@@ -208,3 +212,23 @@ def test_trades_and_orders_channels_carry_the_blocks_events(chain: DevChain, dat
     orders = [m for m in got if m["type"] == "order"]
     assert orders and all(m["trader"] == trader for m in orders)
     assert {m["event"] for m in orders} >= {"open", "fill"}
+
+
+def test_without_a_head_subscription_the_follower_polls(chain: DevChain, database: str) -> None:
+    """An HTTP-only endpoint (no WebSocket upgrade): the subscription fails and polling keeps the book current."""
+    from tests.rpc_proxy import RpcProxy
+
+    with RpcProxy(chain.anvil.url, lambda _req, _n: None) as proxy:
+        doc = yaml.safe_load(chain.config_path.read_text())
+        doc["chain"]["rpc_url"] = proxy.url
+        path = chain.config_path.with_name("via-proxy.yaml")
+        path.write_text(yaml.safe_dump(doc))
+        via = DevChain(chain.anvil, chain.dep, path, load_config(path))
+        with running_service(via, database) as (service, url):
+            client = BookClient(url, "COPPER_V1", depth=20)
+            Simulator(chain.anvil.w3, chain.dep, seed=9).run_batches(100, per_block=20)
+            wait_until_current(service, chain)
+            client.drain()
+            assert service.heads is not None and not service.heads.connected
+            assert client.levels() == contract_levels(chain, "COPPER_V1", 20)
+            client.close()

@@ -71,6 +71,7 @@ class Follower:
         self._decoder: Decoder | None = None
         self._registry_at = 0.0
         self._stop = threading.Event()
+        self.wake = threading.Event()  # set by the newHeads subscription, when there is one
 
     # -- registry -------------------------------------------------------------------------------------------
     def refresh_registry(self, force: bool = False) -> None:
@@ -187,13 +188,15 @@ class Follower:
         while not self._stop.is_set():
             try:
                 if self.step() == 0:
-                    self._stop.wait(self.poll_s)
+                    self.wake.wait(self.poll_s)
+                    self.wake.clear()
             except Exception:  # keep following; /ready reports staleness
                 log.exception("follower step failed")
                 self._stop.wait(1.0)
 
     def stop(self) -> None:
         self._stop.set()
+        self.wake.set()
 
     # -- decoding -------------------------------------------------------------------------------------------
     def _rows(self, logs: list[dict]) -> list[OrderEventRow]:

@@ -30,6 +30,7 @@ from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.api import Api
 from orderbook_pipelines.live.follower import Follower, Update
+from orderbook_pipelines.live.heads import HeadWatcher, ws_url_for
 from orderbook_pipelines.live.hub import Hub, Limits
 from orderbook_pipelines.live.openapi import SPEC
 from orderbook_pipelines.live.redis_tier import RedisTier
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    poll_s: float = 0.05
+    poll_s: float = 0.25  # fallback only: the newHeads subscription wakes the follower
+    head_subscription: bool = True
     keep_blocks: int = 64
     ready_max_lag_blocks: int = 3
     ready_max_stale_s: float = 15.0
@@ -79,6 +81,7 @@ class LiveService:
         self.first_book_s: float | None = None
         self.probe = ChainClient(c.rpc_url, c.rpc_timeout_s, 0, c.max_logs_range)  # independent view of the head
         self.probed_head = -1
+        self.heads: HeadWatcher | None = None
 
     # -- follower -> loop -----------------------------------------------------------------------------------
     def _from_follower(self, update: Update) -> None:
@@ -115,9 +118,14 @@ class LiveService:
               f"({len(self.hub.views)} markets)", flush=True)
         self.thread = threading.Thread(target=self.follower.run, name="follower", daemon=True)
         self.thread.start()
+        if self.options.head_subscription:
+            self.heads = HeadWatcher(ws_url_for(self.config.chain.rpc_url), self.follower.wake)
+            self.heads.start()
 
     async def stop(self) -> None:
         self.follower.stop()
+        if self.heads is not None:
+            self.heads.stop()
         if self.thread:
             await asyncio.to_thread(self.thread.join, 10)
 
@@ -150,6 +158,7 @@ class LiveService:
             "paused": {"global": self.hub.paused_all,
                        "markets": sorted(self.hub.names.get(m, str(m)) for m in self.hub.paused)},
             "redis": self.redis is not None,
+            "head_subscription": bool(self.heads and self.heads.connected),
         }
 
     def ready(self) -> tuple[bool, str]:
