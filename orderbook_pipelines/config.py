@@ -214,7 +214,7 @@ class EnvSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OBP_", extra="ignore")
 
-    config: Path = PROJECT_ROOT / "config" / "devchain.yaml"
+    config: Path = PROJECT_ROOT / ".run" / "devchain.yaml"  # what `make run` writes
     database_url: str = Field(
         default="postgresql+psycopg://postgres@127.0.0.1:5432/orderbook",
         validation_alias="DATABASE_URL",
