@@ -222,3 +222,17 @@ def test_redis_holds_the_depth_and_streams_updates(served) -> None:  # type: ign
     resting = {k.decode(): int(json.loads(v)["remaining"]) for k, v in open_orders.items()}
     assert resting and all(q > 0 for q in resting.values())
     pubsub.close()
+
+
+def test_rest_rate_limit_answers_429_per_client(served) -> None:  # type: ignore[no-untyped-def]
+    _chain, svc, url, _p = served
+    limit = svc.options.api_requests_per_second
+    with httpx.Client() as http:
+        codes = [http.get(f"http://{url}/api/depth", params={"market": "SILVER_V1"}).status_code
+                 for _ in range(limit + 20)]
+    assert 429 in codes and codes[0] == 200
+    r = httpx.get(f"http://{url}/api/depth", params={"market": "SILVER_V1"})
+    if r.status_code == 429:
+        assert r.json()["error"]["code"] == "rate_limited" and r.headers["Retry-After"] == "1"
+    time.sleep(1.1)
+    assert httpx.get(f"http://{url}/api/depth", params={"market": "SILVER_V1"}).status_code == 200

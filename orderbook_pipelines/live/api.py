@@ -15,6 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -99,8 +102,10 @@ def decode_cursor(raw: str | None, n: int) -> tuple[int, ...] | None:
 
 
 class Api:
-    def __init__(self, service: LiveService):
+    def __init__(self, service: LiveService, requests_per_second: int = 50):
         self.s = service
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.rate = RateLimitItemPerSecond(requests_per_second)
 
     def _query(self, request: Request) -> dict[str, str]:
         q = dict(request.query_params)
@@ -126,6 +131,11 @@ class Api:
     def timed(self, route: str, fn: Handler) -> Handler:
         async def handler(request: Request) -> Response:
             t0 = time.perf_counter()
+            client = request.client.host if request.client else "unknown"
+            if not await self.limiter.hit(self.rate, client):
+                return JSON({"error": {"code": "rate_limited", "message": f"at most {self.rate.amount} requests "
+                                       "per second per client", "parameter": None}}, status_code=429,
+                            headers={"Retry-After": "1"})
             try:
                 return await fn(request)
             except BadRequest as e:

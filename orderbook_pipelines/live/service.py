@@ -49,6 +49,7 @@ class ServiceOptions:
     ready_max_stale_s: float = 15.0
     markets_refresh_s: float = 5.0
     admin_token: str | None = None
+    api_requests_per_second: int = 50
 
 
 def publishable_markets(engine: Engine, chain_id: int) -> set[int]:
@@ -175,7 +176,7 @@ class LiveService:
 
     # -- app ------------------------------------------------------------------------------------------------
     def app(self) -> Starlette:
-        api = Api(self)
+        api = Api(self, self.options.api_requests_per_second)
 
         async def health(_: Request) -> Response:
             return JSONResponse({"status": "ok", **self.health()})
