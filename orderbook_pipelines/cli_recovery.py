@@ -166,10 +166,13 @@ def replay_export(out: Path = typer.Option(..., help="JSON-lines file to write (
 
 
 @replay_app.command("run")
-def replay_run(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+def replay_run(file: Path = typer.Argument(..., help="JSON-lines file written by `orderbook replay export`"),
                check: bool = typer.Option(True, help="check the book invariants after every block")) -> None:
     """Replay a file into books; print one state hash per market and the combined hash."""
     from orderbook_pipelines.replay import ReplayError, replay_file
+
+    if not file.is_file():
+        _fail(f"{file}: no such file")
 
     try:
         res = replay_file(file, strict=True, check_each_block=check)
