@@ -7,6 +7,7 @@ from orderbook_pipelines.assets.reconciliation import reconcile_job, reconciliat
 from orderbook_pipelines.assets.snapshots import SnapshotStoreResource, snapshot_assets, snapshot_job
 from orderbook_pipelines.checks import asset_checks, check_job
 from orderbook_pipelines.jobs import ingest_job
+from orderbook_pipelines.maintenance import purge_dagster_runs, purge_schedule
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
 from orderbook_pipelines.sensors.chain_head import chain_head_sensor
 from orderbook_pipelines.sensors.reconciliation import reconcile_schedule, reorg_failure_sensor
@@ -16,9 +17,9 @@ _settings = SettingsResource()
 defs = Definitions(
     assets=[*ingestion_assets, *snapshot_assets, *reconciliation_assets],
     asset_checks=asset_checks,
-    jobs=[ingest_job, snapshot_job, reconcile_job, check_job],
+    jobs=[ingest_job, snapshot_job, reconcile_job, check_job, purge_dagster_runs],
     sensors=[chain_head_sensor, reorg_failure_sensor],
-    schedules=[reconcile_schedule],
+    schedules=[reconcile_schedule, purge_schedule],
     resources={
         "settings": _settings,
         "chain": ChainResource(settings=_settings),

@@ -101,3 +101,29 @@ def test_committed_contract_artifacts_match_the_sources() -> None:
     proc = subprocess.run(["node", "contracts/build.mjs", "--check"], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_purge_job_deletes_old_runs_and_keeps_recent_ones() -> None:
+    from dagster import DagsterInstance, RunsFilter, job, op
+
+    from orderbook_pipelines.maintenance import purge_dagster_runs
+
+    @op
+    def noop() -> None:
+        pass
+
+    @job
+    def tiny() -> None:
+        noop()
+
+    instance = DagsterInstance.ephemeral()
+    for _ in range(3):
+        assert tiny.execute_in_process(instance=instance).success
+    keep = purge_dagster_runs.execute_in_process(instance=instance, run_config={
+        "ops": {"purge_runs": {"config": {"success_days": 1}}}})
+    assert keep.output_for_node("purge_runs") == 0
+    assert len(instance.get_run_records(filters=RunsFilter(job_name="tiny"))) == 3
+    purged = purge_dagster_runs.execute_in_process(instance=instance, run_config={
+        "ops": {"purge_runs": {"config": {"success_days": 0}}}})
+    assert purged.output_for_node("purge_runs") >= 3
+    assert instance.get_run_records(filters=RunsFilter(job_name="tiny")) == []

@@ -186,3 +186,30 @@ def test_ranges_in_reverse_order_converge_to_the_same_state(simulated_chain: Dev
             assert _table(db, q) == _table(indexed, q)
     finally:
         drop_database(db)
+
+
+def test_ranges_ingested_concurrently_equal_the_sequential_state(simulated_chain: DevChain, indexed: str) -> None:
+    """Four workers take the ranges in a shuffled order at once; the result is the sequential run's state."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orderbook_pipelines.chain.rpc import ChainClient
+
+    db = new_database()
+    try:
+        cfg = simulated_chain.config
+        engine = engine_for(db)
+        ranges = _ranges(simulated_chain)
+        random.Random(5).shuffle(ranges)
+
+        def work(r: tuple[int, int]) -> int:
+            report = ingest_range(cfg, ChainClient(cfg.chain.rpc_url), engine, *r)
+            project_range(engine, cfg.chain.chain_id, *r)
+            return report.events
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert sum(pool.map(work, ranges)) > 10_000
+        for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL):
+            assert _table(db, q) == _table(indexed, q)
+    finally:
+        drop_database(db)

@@ -3,6 +3,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from orderbook_pipelines import ingest_metrics, obs
 from orderbook_pipelines.ingest import ingest_range, project_range
 from orderbook_pipelines.partitions import block_ranges, parse_range_key
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
@@ -14,11 +15,13 @@ GROUP = "ingestion"
 @asset(
     partitions_def=block_ranges,
     group_name=GROUP,
+    pool="rpc",
     description="Decoded order events of every configured contract for one block range (final blocks only). "
     "Re-running a range inserts nothing new; a forked history fails the run instead of being written.",
 )
 def order_events(context: AssetExecutionContext, settings: SettingsResource, chain: ChainResource,
                  postgres: PostgresResource) -> MaterializeResult:
+    obs.bootstrap()
     start, end = parse_range_key(context.partition_key)
     cfg = settings.load()
     client = chain.client()
@@ -41,6 +44,8 @@ def order_events(context: AssetExecutionContext, settings: SettingsResource, cha
             "seconds": MetadataValue.float(round(report.seconds, 3)),
             "lag_to_head_blocks": report.head - report.processed_to,
             "safe_head": report.safe_head,
+            "lag_to_safe_head_blocks": report.safe_head - report.processed_to,
+            **ingest_metrics.dagster_metadata(),
             "rpc_calls": client.stats["rpc_calls"],
             "rpc_range_splits": client.stats["range_splits"],
         }
@@ -52,7 +57,7 @@ def _bounds(context: AssetExecutionContext, settings: SettingsResource) -> tuple
     return settings.load().chain.chain_id, start, end
 
 
-@asset(partitions_def=block_ranges, group_name=GROUP, deps=[order_events],
+@asset(partitions_def=block_ranges, group_name=GROUP, deps=[order_events], pool="postgres",
        description="Trades (one row per on-chain trade event) of the range; insert-only, idempotent.")
 def trades(context: AssetExecutionContext, settings: SettingsResource, postgres: PostgresResource) -> MaterializeResult:
     cid, start, end = _bounds(context, settings)
@@ -61,7 +66,7 @@ def trades(context: AssetExecutionContext, settings: SettingsResource, postgres:
     return MaterializeResult(metadata={"trades_inserted": r.rows, "blocks": f"{start}-{end}"})
 
 
-@asset(partitions_def=block_ranges, group_name=GROUP, deps=[order_events],
+@asset(partitions_def=block_ranges, group_name=GROUP, deps=[order_events], pool="postgres",
        description="Orders touched by the range, recomputed from all their events (status, filled, remaining).")
 def orders(context: AssetExecutionContext, settings: SettingsResource, postgres: PostgresResource) -> MaterializeResult:
     cid, start, end = _bounds(context, settings)
@@ -70,7 +75,7 @@ def orders(context: AssetExecutionContext, settings: SettingsResource, postgres:
     return MaterializeResult(metadata={"orders_touched": r.keys, "orders_changed": r.rows, "blocks": f"{start}-{end}"})
 
 
-@asset(partitions_def=block_ranges, group_name=GROUP, deps=[trades],
+@asset(partitions_def=block_ranges, group_name=GROUP, deps=[trades], pool="postgres",
        description="Net positions of every trader touched by the range's trades, recomputed from all trades.")
 def positions(context: AssetExecutionContext, settings: SettingsResource,
               postgres: PostgresResource) -> MaterializeResult:

@@ -100,21 +100,31 @@ _POSITIONS = text("""
 """)
 
 
+# Projection statements are serialized by one transaction-level advisory lock. Under READ COMMITTED two ranges
+# projected concurrently could otherwise let an upsert computed before the other range's events committed land
+# last. Serialized, each projection sees every event committed before it started, and any later event is
+# followed by its own projection. Fetching, decoding and COPY stay parallel; only these fast statements queue.
+_PROJECTION_LOCK = text("SELECT pg_advisory_xact_lock(727001)")
+
+
 def _params(chain_id: int, start: int, end: int) -> dict[str, int]:
     return {"c": chain_id, "s": start, "e": end}
 
 
 def project_trades(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
+    conn.execute(_PROJECTION_LOCK)
     res = conn.execute(_TRADES, _params(chain_id, start, end))
     return ProjectionResult(rows=res.rowcount, keys=res.rowcount)
 
 
 def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
+    conn.execute(_PROJECTION_LOCK)
     keys = conn.execute(_TOUCHED_ORDERS, _params(chain_id, start, end)).scalar_one()
     res = conn.execute(_ORDERS, _params(chain_id, start, end))
     return ProjectionResult(rows=res.rowcount, keys=int(keys))
 
 
 def project_positions(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
+    conn.execute(_PROJECTION_LOCK)
     res = conn.execute(_POSITIONS, _params(chain_id, start, end))
     return ProjectionResult(rows=res.rowcount, keys=res.rowcount)

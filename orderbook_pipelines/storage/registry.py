@@ -13,16 +13,48 @@ from orderbook_pipelines.normalize import MarketRegistry
 
 
 def sync_configured_markets(conn: Connection, config: ProjectConfig) -> int:
-    """Upsert the markets named in configuration; returns how many rows changed."""
-    changed = 0
+    """Upsert the markets named in configuration; returns how many rows changed.
+
+    One read of the registry and only the writes that differ, so thousands of configured markets cost
+    milliseconds per run; an advisory lock serializes concurrent runs (two ranges starting at once).
+    """
+    if not config.markets:
+        return 0
+    cid = config.chain.chain_id
+    conn.execute(text("SELECT pg_advisory_xact_lock(727002)"))
+    rows = conn.execute(text("SELECT market_id, metric_id, metric_hash, address, source, decimals, status "
+                             "FROM markets WHERE chain_id = :c"), {"c": cid}).all()
+    by_hash = {r.metric_hash: r for r in rows if r.metric_hash}
+    by_addr = {r.address: r for r in rows if r.address}
+    inserts, updates = [], []
     for m in config.markets:
-        changed += upsert_market(conn, config.chain.chain_id, m)
-    return changed
+        address = m.address.lower() if m.address else None
+        row = by_hash.get(m.metric_hash) or (by_addr.get(address) if address else None)
+        params = {"c": cid, "id": m.metric_id, "h": m.metric_hash, "a": address, "s": m.source, "d": m.decimals,
+                  "st": m.status}
+        if row is None:
+            inserts.append(params)
+        elif (row.metric_id, row.address, row.source, row.decimals) != (m.metric_id, address or row.address,
+                                                                         m.source, m.decimals) \
+                or row.status == "unregistered":
+            updates.append({**params, "mid": row.market_id})
+    if inserts:
+        conn.execute(text("""INSERT INTO markets (chain_id, metric_id, metric_hash, address, source, decimals, status)
+                             VALUES (:c, :id, :h, :a, :s, :d, :st)"""), inserts)
+    if updates:
+        conn.execute(_UPDATE_MARKET, updates)
+    return len(inserts) + len(updates)
+
+
+_UPDATE_MARKET = text("""
+    UPDATE markets SET metric_id = :id, metric_hash = :h, address = COALESCE(:a, address), source = :s,
+           decimals = :d, status = CASE WHEN status = 'unregistered' THEN :st ELSE status END, updated_at = now()
+    WHERE market_id = :mid""")
 
 
 def upsert_market(conn: Connection, chain_id: int, m: Market) -> int:
+    """One market (the `markets register` command): adopts a discovered row with the same hash or address."""
     address = m.address.lower() if m.address else None
-    # A discovered row (same hash, unregistered) is adopted rather than duplicated.
     row = conn.execute(
         text("""
             SELECT market_id FROM markets
@@ -40,15 +72,7 @@ def upsert_market(conn: Connection, chain_id: int, m: Market) -> int:
             params,
         )
         return 1
-    res = conn.execute(
-        text("""UPDATE markets SET metric_id = :id, metric_hash = :h, address = COALESCE(:a, address),
-                       source = :s, decimals = :d,
-                       status = CASE WHEN status = 'unregistered' THEN :st ELSE status END, updated_at = now()
-                WHERE market_id = :mid AND (metric_id IS DISTINCT FROM :id OR address IS DISTINCT FROM
-                      COALESCE(:a, address) OR source <> :s OR decimals <> :d OR status = 'unregistered')"""),
-        {**params, "mid": row.market_id},
-    )
-    return res.rowcount
+    return conn.execute(_UPDATE_MARKET, {**params, "mid": row.market_id}).rowcount
 
 
 def discover_metric_hashes(conn: Connection, chain_id: int, hashes: set[str], source: str,
