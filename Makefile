@@ -30,6 +30,9 @@ test: setup
 	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \
 	redis_url="$$(bash scripts/ensure_redis.sh | tail -n 1)"; \
 	export DATABASE_URL="$$db_url" REDIS_URL="$$redis_url" OBP_ANVIL="$(ANVIL)"; \
+	if ch_url="$$(bash scripts/ensure_clickhouse.sh | tail -n 1)" && [[ -n "$$ch_url" ]]; then \
+		export CLICKHOUSE_URL="$$ch_url"; echo "[test] CLICKHOUSE_URL=$$CLICKHOUSE_URL"; \
+	else echo "[test] no ClickHouse server: the ClickHouse analytics tests will be skipped (see above)"; fi; \
 	echo "[test] DATABASE_URL=$$DATABASE_URL REDIS_URL=$$REDIS_URL"; \
 	echo "[test] ruff check ."; \
 	$(VENV)/bin/ruff check .; \
@@ -42,4 +45,5 @@ run:
 clean:
 	-@bash scripts/ensure_postgres.sh --purge
 	-@bash scripts/ensure_redis.sh --stop
+	-@bash scripts/ensure_clickhouse.sh --stop
 	rm -rf .run
