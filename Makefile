@@ -34,6 +34,7 @@ test: setup
 		export CLICKHOUSE_URL="$$ch_url"; echo "[test] CLICKHOUSE_URL=$$CLICKHOUSE_URL"; \
 	else echo "[test] no ClickHouse server: the ClickHouse analytics tests will be skipped (see above)"; fi; \
 	echo "[test] DATABASE_URL=$$DATABASE_URL REDIS_URL=$$REDIS_URL"; \
+	bash scripts/ensure_promtool.sh >/dev/null || echo "[test] promtool unavailable: tests/test_alerts.py will skip"; \
 	echo "[test] ruff check ."; \
 	$(VENV)/bin/ruff check .; \
 	echo "[test] pytest -q $(PYTEST_ARGS)"; \

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import typer
 
+from orderbook_pipelines import obs
 from orderbook_pipelines.cli_ops import check_app, reconcile_app, register_market_commands, reorgs_app
 from orderbook_pipelines.cli_recovery import replay_app, snapshot_app
 from orderbook_pipelines.config import ConfigError, EnvSettings, Market, load_config
+from orderbook_pipelines.exporter import metrics_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database: create and migrate.")
@@ -27,6 +29,8 @@ app.add_typer(reconcile_app, name="reconcile")
 app.add_typer(check_app, name="check")
 app.add_typer(reorgs_app, name="reorgs")
 register_market_commands(markets_app)
+app.add_typer(metrics_app, name="metrics")
+app.callback()(obs.bootstrap)  # secret files, JSON logs: before any command runs
 
 GEN1_MARKETS = ["SILVER_V1", "GOLD_V1", "COPPER_V1", "OIL_WTI_V1", "GAS_HH_V1", "CORN_V1", "WHEAT_V1", "BTC_HASH_V1"]
 GEN2_MARKETS = ["ALUMINUM_V1", "NICKEL_V1", "ZINC_V1", "LITHIUM_V1"]

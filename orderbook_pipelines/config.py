@@ -214,6 +214,12 @@ class EnvSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OBP_", extra="ignore")
 
+    def __init__(self, **values: object) -> None:
+        from orderbook_pipelines.obs import load_secret_files
+
+        load_secret_files()  # DATABASE_URL_FILE, OBP_RPC_URL_FILE, ... (Docker/Kubernetes secrets): env wins
+        super().__init__(**values)
+
     config: Path = PROJECT_ROOT / ".run" / "devchain.yaml"  # what `make run` writes
     database_url: str = Field(
         default="postgresql+psycopg://postgres@127.0.0.1:5432/orderbook",

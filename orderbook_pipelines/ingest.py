@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from orderbook_pipelines import ingest_metrics
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.decoding import DecodedLog, Decoder, Rejected
@@ -58,6 +59,7 @@ def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> di
     return out
 
 
+@ingest_metrics.traced_range
 def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, start: int, end: int,
                  run_id: str | None = None) -> RangeReport:
     t0 = time.perf_counter()
@@ -73,6 +75,7 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
         addr_sources = log_addresses(config, registry.market_addresses(conn, cid))
     decoder = Decoder(config, addr_sources)
     logs = chain.get_logs(start, processed_to, sorted(addr_sources)) if addr_sources else []
+    mark = ingest_metrics.stage("fetch", t0, logs=len(logs), head=head, safe_head=safe)
 
     decoded: list[DecodedLog] = []
     rejected: list[Rejected] = []
@@ -82,7 +85,9 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
 
     wanted = {start, processed_to} | ({start - 1} if start > 0 else set())
     wanted |= {d.pos.block_number for d in decoded} | {r.pos.block_number for r in rejected if r.pos.block_number >= 0}
+    mark = ingest_metrics.stage("decode", mark, decoded=len(decoded), rejected=len(rejected))
     headers = chain.headers(sorted(wanted))
+    mark = ingest_metrics.stage("headers", mark, blocks=len(headers))
 
     with engine.begin() as conn:
         discovered = 0
@@ -99,6 +104,7 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
             RangeWrite(cid, start, end, processed_to, headers, rows, rejected, run_id),
             config.order_events_partition_blocks,
         )
+    ingest_metrics.stage("write", mark, events=len(rows), events_inserted=result.events_inserted)
     return RangeReport(
         range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=len(logs),
         events=len(rows), events_inserted=result.events_inserted, rejected=len(rejected),

@@ -3,6 +3,7 @@
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from orderbook_pipelines import ingest_metrics, obs
 from orderbook_pipelines.ingest import ingest_range, project_range
 from orderbook_pipelines.partitions import block_ranges, parse_range_key
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
@@ -20,6 +21,7 @@ GROUP = "ingestion"
 )
 def order_events(context: AssetExecutionContext, settings: SettingsResource, chain: ChainResource,
                  postgres: PostgresResource) -> MaterializeResult:
+    obs.bootstrap()
     start, end = parse_range_key(context.partition_key)
     cfg = settings.load()
     client = chain.client()
@@ -42,6 +44,8 @@ def order_events(context: AssetExecutionContext, settings: SettingsResource, cha
             "seconds": MetadataValue.float(round(report.seconds, 3)),
             "lag_to_head_blocks": report.head - report.processed_to,
             "safe_head": report.safe_head,
+            "lag_to_safe_head_blocks": report.safe_head - report.processed_to,
+            **ingest_metrics.dagster_metadata(),
             "rpc_calls": client.stats["rpc_calls"],
             "rpc_range_splits": client.stats["range_splits"],
         }

@@ -23,6 +23,8 @@ from tenacity import (
 from web3 import Web3
 from web3.providers.rpc import HTTPProvider
 
+from orderbook_pipelines import ingest_metrics
+
 log = logging.getLogger(__name__)
 
 # Phrases providers use when a log query is too large or too slow (Alchemy, Infura, QuickNode, geth, erigon…).
@@ -129,7 +131,7 @@ class ChainClient:
                 reraise=False,
             ):
                 with attempt:
-                    return self._once(method, params)
+                    return ingest_metrics.observed_call(self._once, method, params)
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise RpcError(f"{method} failed after {self.retries + 1} attempts: {last}") from last

@@ -1,0 +1,240 @@
+"""Observability and secret hygiene shared by every process: JSON logs, trace ids, redaction, secret files.
+
+One logging setup (structlog, with stdlib `logging` routed through the same processors) so that a line from
+web3, httpx, uvicorn or our code looks the same, carries the same trace/request id, and goes through the same
+redaction. Secrets reach a process only through the environment or a file named by `<VAR>_FILE`
+(Docker/Kubernetes secrets style); `bootstrap()` loads those files and registers every secret value so that it
+can never be printed, even inside an exception message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import structlog
+from structlog.contextvars import bound_contextvars
+from structlog.types import EventDict, WrappedLogger
+
+# Variables that may carry a secret; each may instead be given as `<NAME>_FILE` (a path to read it from).
+SECRET_ENV = ("DATABASE_URL", "REDIS_URL", "OBP_RPC_URL", "OBP_ADMIN_TOKEN", "DAGSTER_PG_PASSWORD", "PGPASSWORD")
+REDACTED = "***"
+
+_SECRET_KEYS = re.compile(r"(^|[_\-])(password|passwd|pwd|secret|token|api[_\-]?key|apikey|authorization|cookie|"
+                          r"private[_\-]?key|credentials?)($|[_\-])", re.I)
+# scheme://user:password@host  and  scheme://:password@host (Redis)
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)", re.I)
+# password=..., token: ..., api_key=... inside free text (libpq key/value DSNs, query strings, messages)
+_KV_SECRET = re.compile(r"\b((?:pass(?:word|wd)?|pwd|secret|token|api[_-]?key|apikey|access[_-]?token)"
+                        r"\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&,;'\"]+)", re.I)
+_BEARER = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{4,}", re.I)
+
+_secrets: set[str] = set()
+_configured = False
+_HANDLER_NAME = "obp-json"
+
+
+# -- secrets ------------------------------------------------------------------------------------------------
+def register_secret(value: str | None) -> None:
+    """Redact this exact value wherever it appears in a log line (tokens, RPC keys in URL paths)."""
+    if value and len(value) >= 6:
+        _secrets.add(value)
+
+
+def _register_url_secrets(url: str) -> None:
+    """A URL's password, and its path segments / query values that look like API keys (Infura, Alchemy)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return
+    register_secret(parts.password)
+    for seg in parts.path.split("/"):
+        if len(seg) >= 16 and re.fullmatch(r"[A-Za-z0-9_\-]+", seg):
+            register_secret(seg)
+    for _, v in parse_qsl(parts.query):
+        if len(v) >= 16:
+            register_secret(v)
+
+
+def load_secret_files(environ: dict[str, str] | None = None) -> list[str]:
+    """For each NAME in SECRET_ENV with NAME_FILE set and NAME unset: NAME = the file's content (stripped).
+
+    Returns the names loaded. The environment wins over a file so an operator can override in an emergency.
+    """
+    env = os.environ if environ is None else environ
+    loaded = []
+    for name in SECRET_ENV:
+        path = env.get(f"{name}_FILE")
+        if path and not env.get(name):
+            env[name] = Path(path).read_text().strip()
+            loaded.append(name)
+    return loaded
+
+
+def register_env_secrets(environ: Mapping[str, str] | None = None) -> None:
+    env = os.environ if environ is None else environ
+    for name in SECRET_ENV:
+        value = env.get(name)
+        if not value:
+            continue
+        if "://" in value:
+            _register_url_secrets(value)
+        else:
+            register_secret(value)
+
+
+def redact_text(s: str) -> str:
+    """Remove every secret we can recognise from a string."""
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in s:
+            s = s.replace(secret, REDACTED)
+    s = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}\g<3>", s)
+    s = _KV_SECRET.sub(rf"\g<1>{REDACTED}", s)
+    return _BEARER.sub(rf"\g<1> {REDACTED}", s)
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    if key is not None and _SECRET_KEYS.search(key) and value not in (None, "", 0):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [redact(v) for v in value]
+    return value
+
+
+def redact_processor(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: last before rendering, so it also sees formatted exceptions and stdlib messages."""
+    return {k: (v if k in ("timestamp", "level", "logger") else redact(v, k)) for k, v in event_dict.items()}
+
+
+# -- logging ------------------------------------------------------------------------------------------------
+def configure_logging(level: str | None = None, stream: IO[str] | None = None, force: bool = False) -> None:
+    """JSON lines on stderr (or `stream`); idempotent unless `force` (tests capture into a buffer)."""
+    global _configured
+    if _configured and not force:
+        return
+    register_env_secrets()
+    lvl = getattr(logging, (level or os.environ.get("OBP_LOG_LEVEL", "INFO")).upper(), logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.PositionalArgumentsFormatter(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, redact_processor,
+                    structlog.processors.JSONRenderer(default=str)],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == _HANDLER_NAME:
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    for noisy in ("urllib3", "web3", "httpcore", "asyncio", "websockets"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    _configured = True
+
+
+def bootstrap() -> None:
+    """Process start: secret files into the environment, then logging. Safe to call more than once."""
+    load_secret_files()
+    configure_logging()
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@contextmanager
+def trace(**fields: Any) -> Iterator[str]:
+    """Bind a trace id (and fields) to every log line of this context, including stdlib loggers underneath."""
+    tid = fields.pop("trace_id", None) or new_id()
+    with bound_contextvars(trace_id=tid, **fields):
+        yield tid
+
+
+# -- ASGI middleware ----------------------------------------------------------------------------------------
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_http_log = logging.getLogger("obp.http")
+
+
+class RequestLogMiddleware:
+    """Binds a request id (HTTP) or connection id (WebSocket) and logs one line per request / connection.
+
+    A well-formed incoming `X-Request-ID` is kept (so a trace crosses the proxy); it is echoed back.
+    Query strings are logged through redaction; headers are not logged at all.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _SAFE_ID.match(given) else new_id()
+        client = scope.get("client")
+        fields = {"client": client[0] if client else None, "path": scope.get("path")}
+        t0 = time.perf_counter()
+        state: dict[str, Any] = {"status": None}
+
+        async def send_wrapper(message: dict) -> None:
+            t = message["type"]
+            if t == "http.response.start":
+                state["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif t == "websocket.accept":
+                state["status"] = 101
+            elif t == "websocket.close":
+                state["close_code"] = message.get("code", 1000)
+            await send(message)
+
+        key = "request_id" if kind == "http" else "conn_id"
+        with bound_contextvars(**{key: rid}):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception:
+                state["status"] = 500
+                _http_log.exception("request failed", extra={"method": scope.get("method"), **fields})
+                raise
+            finally:
+                ms = round((time.perf_counter() - t0) * 1000, 3)
+                q = scope.get("query_string", b"").decode("latin-1")
+                if kind == "http":
+                    _http_log.info("request", extra={"method": scope.get("method"), "query": q or None,
+                                                     "status": state["status"], "duration_ms": ms, **fields})
+                else:
+                    _http_log.info("websocket closed", extra={"status": state["status"], "duration_ms": ms,
+                                                              "close_code": state.get("close_code"), **fields})
