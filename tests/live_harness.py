@@ -21,10 +21,11 @@ from tests.conftest import DevChain, free_port
 
 @contextmanager
 def running_service(chain: DevChain, db: str, limits: Limits | None = None, redis_url: str | None = None,
-                    admin_token: str | None = None, redis_prefix: str = "obp:") -> Iterator[tuple[LiveService, str]]:
+                    admin_token: str | None = None, redis_prefix: str = "obp:", cluster: bool = False,
+                    worker_id: str | None = None) -> Iterator[tuple[LiveService, str]]:
     service = LiveService(chain.config, engine_for(db), limits,
                           ServiceOptions(poll_s=0.5, admin_token=admin_token, markets_refresh_s=0.5),
-                          redis_url=redis_url, redis_prefix=redis_prefix)
+                          redis_url=redis_url, redis_prefix=redis_prefix, cluster=cluster, worker_id=worker_id)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning",
                                            ws_max_size=(limits or Limits()).max_message_bytes * 4))
@@ -79,6 +80,7 @@ class BookClient:
         self.seq = -1
         self.gaps = self.checksum_failures = self.resyncs = self.deltas = 0
         self.drop_next_delta = False
+        self.stream: list[tuple] = []  # every book message as received, to compare streams across processes
         self._subscribe()
 
     def _sub_msg(self, op: str) -> str:
@@ -101,6 +103,8 @@ class BookClient:
 
     def handle(self, msg: dict[str, Any]) -> None:
         t = msg.get("type")
+        if t in ("snapshot", "delta"):
+            self.stream.append((t, msg["seq"], msg.get("prev_seq"), msg["block"]["number"], msg["bids"], msg["asks"]))
         if t == "snapshot" and msg["market"] == self.market:
             self.bids = {int(p): int(q) for p, q in msg["bids"]}
             self.asks = {int(p): int(q) for p, q in msg["asks"]}

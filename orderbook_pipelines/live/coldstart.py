@@ -33,7 +33,7 @@ def order_key(contract: str, order_id: str) -> str:
     return f"{contract}:{order_id}"
 
 
-def books_from_events(engine: Engine, chain_id: int, upto: int) -> dict[int, Book]:
+def books_from_events(engine: Engine, chain_id: int, upto: int, market_ids: set[int] | None = None) -> dict[int, Book]:
     """Replay stored open/fill/cancel events up to `upto` into one Book per market (streamed, not loaded)."""
     books: dict[int, Book] = defaultdict(Book)
     last_block: dict[int, int] = {}
@@ -41,7 +41,9 @@ def books_from_events(engine: Engine, chain_id: int, upto: int) -> dict[int, Boo
         rows = conn.execute(text(
             "SELECT market_id, block_number, kind, contract, order_id, side, order_type, price, quantity "
             "FROM order_events WHERE chain_id = :c AND block_number <= :u AND market_id IS NOT NULL "
-            "AND kind IN ('open', 'fill', 'cancel') ORDER BY block_number, log_index"), {"c": chain_id, "u": upto})
+            "AND (CAST(:ms AS integer[]) IS NULL OR market_id = ANY(:ms)) "
+            "AND kind IN ('open', 'fill', 'cancel') ORDER BY block_number, log_index"),
+            {"c": chain_id, "u": upto, "ms": sorted(market_ids) if market_ids is not None else None})
         for m, block, kind, contract, oid, side, otype, price, qty in rows:
             book = books[m]
             if last_block.get(m, block) != block:

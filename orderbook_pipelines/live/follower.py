@@ -72,6 +72,10 @@ class Follower:
         self._registry_at = 0.0
         self._stop = threading.Event()
         self.wake = threading.Event()  # set by the newHeads subscription, when there is one
+        # Cluster mode: the markets this worker owns (None = all markets, a single live process).
+        self.owned: set[int] | None = None
+        self._wanted: set[int] | None = None
+        self._wanted_lock = threading.Lock()
 
     # -- registry -------------------------------------------------------------------------------------------
     def refresh_registry(self, force: bool = False) -> None:
@@ -94,7 +98,8 @@ class Follower:
         self.refresh_registry(force=True)
         c = self.config.chain
         h, h_hash = final_height(self.engine, c.chain_id, c.start_block)
-        books = books_from_events(self.engine, c.chain_id, h) if h >= c.start_block else {}
+        owned = self.owned
+        books = books_from_events(self.engine, c.chain_id, h, owned) if h >= c.start_block and owned != set() else {}
         header = self.client.header(max(h, 0))
         if h_hash is not None and header.hash != h_hash:
             raise DeepReorg(f"stored final block {h} ({h_hash}) is not on the chain ({header.hash}): "
@@ -103,7 +108,7 @@ class Follower:
         self._catch_up_final()
         self.stats.cold_start_s = time.perf_counter() - t0
         self.stats.cold_start_block = self.books.head.number if self.books.head else -1
-        markets = sorted(set(self.books.books) | set(self.market_names))
+        markets = sorted(set(self.books.books) | (set(self.market_names) if owned is None else owned))
         self.on_update(Update("reset", [self.books.view(m) for m in markets]))
 
     def _catch_up_final(self) -> None:
@@ -120,15 +125,64 @@ class Follower:
         headers = self.client.headers(sorted(set(by_block) | {safe}))
         for n in sorted(by_block):
             rows = self._rows(by_block[n])
-            self.books.apply_block(_ref(headers[n]), self._events(rows), final=True)
+            self.books.apply_block(_ref(headers[n]), self._events(rows, self.owned), final=True)
             self.books.head = _ref(headers[n])
         self.books.head = _ref(headers[safe])
 
     # -- follow ---------------------------------------------------------------------------------------------
+    def set_owned(self, markets: set[int]) -> None:
+        """Called by the membership thread; the follower thread adopts/drops markets at its next step."""
+        with self._wanted_lock:
+            self._wanted = set(markets)
+        self.wake.set()
+
+    def _sync_ownership(self) -> None:
+        with self._wanted_lock:
+            wanted = self._wanted
+        if wanted is None or self.owned is None or wanted == self.owned:
+            return
+        for m in self.owned - wanted:
+            self.books.drop_market(m)
+        new = wanted - self.owned
+        if new:
+            self._adopt(new)
+        self.owned = set(wanted)
+        if new:
+            self.on_update(Update("adopt", [self.books.view(m) for m in sorted(new)]))
+
+    def _adopt(self, markets: set[int]) -> None:
+        """Rebuild newly owned markets: stored final events, then the chain up to our head (undo logs inside
+        the unconfirmed window, so a later reorg rolls them back like any other market)."""
+        assert self.books.head is not None
+        c = self.config.chain
+        h, _ = final_height(self.engine, c.chain_id, c.start_block)
+        h = min(h, self.books.head.number)
+        for m, book in books_from_events(self.engine, c.chain_id, h, markets).items():
+            self.books.books[m] = book
+        for m in markets:
+            self.books.books.setdefault(m, self.books.books[m])
+        kept = [a.ref for a in self.books.applied if a.ref.number > h]
+        final_to = (kept[0].number - 1) if kept else self.books.head.number
+        if final_to > h and self._addresses:
+            by_block: dict[int, list[dict]] = defaultdict(list)
+            for lg in self.client.get_logs(h + 1, final_to, self._addresses):
+                by_block[int(lg["blockNumber"], 16)].append(lg)
+            for n in sorted(by_block):
+                ref = BlockRef(n, by_block[n][0]["blockHash"].lower(), "")
+                for m, evs in self._events(self._rows(by_block[n]), markets).items():
+                    self.books.adopt_events(m, ref, evs)
+        for ref in kept:
+            rows = self._rows(self.client.get_block_logs(ref.hash, self._addresses) if self._addresses else [])
+            for m, evs in self._events(rows, markets).items():
+                self.books.adopt_events(m, ref, evs)
+        for m in markets:
+            self.books.seq[m] += 1
+
     def step(self, max_blocks: int = 500) -> int:
         """Process what the chain has now; returns the number of blocks applied."""
         self.refresh_registry()
         assert self.books.head is not None
+        self._sync_ownership()
         head = self.client.block_number()
         self.stats.head_seen = head
         applied = 0
@@ -143,7 +197,9 @@ class Follower:
                 n = self.books.head.number + 1
                 continue
             rows = self._rows(self.client.get_block_logs(hdr.hash, self._addresses) if self._addresses else [])
-            touched = self.books.apply_block(_ref(hdr), self._events(rows))
+            if self.owned is not None:
+                rows = [r for r in rows if r.market_id in self.owned]
+            touched = self.books.apply_block(_ref(hdr), self._events(rows, self.owned))
             self.stats.blocks += 1
             applied += 1
             if touched or rows:
@@ -205,10 +261,12 @@ class Follower:
         return normalize(decoded, self._registry, self.config.chain.chain_id)
 
     @staticmethod
-    def _events(rows: list[OrderEventRow]) -> dict[int, list[BookEvent]]:
+    def _events(rows: list[OrderEventRow], only: set[int] | None = None) -> dict[int, list[BookEvent]]:
         out: dict[int, list[BookEvent]] = defaultdict(list)
         for r in rows:
-            if r.market_id is not None and r.kind in ("open", "fill", "cancel") and r.order_id is not None:
+            if r.market_id is None or (only is not None and r.market_id not in only):
+                continue
+            if r.kind in ("open", "fill", "cancel") and r.order_id is not None:
                 out[r.market_id].append(BookEvent(r.kind, order_key(r.contract, r.order_id), r.side,
                                                   r.order_type, r.price, r.quantity))
         return out

@@ -32,6 +32,7 @@ from orderbook_pipelines.live.api import Api
 from orderbook_pipelines.live.follower import Follower, Update
 from orderbook_pipelines.live.heads import HeadWatcher, ws_url_for
 from orderbook_pipelines.live.hub import Hub, Limits
+from orderbook_pipelines.live.node import ClusterNode
 from orderbook_pipelines.live.openapi import SPEC
 from orderbook_pipelines.live.redis_tier import RedisTier
 from orderbook_pipelines.live.ws import WsEndpoint
@@ -66,7 +67,8 @@ def publishable_markets(engine: Engine, chain_id: int) -> set[int]:
 
 class LiveService:
     def __init__(self, config: ProjectConfig, engine: Engine, limits: Limits | None = None,
-                 options: ServiceOptions | None = None, redis_url: str | None = None, redis_prefix: str = "obp:"):
+                 options: ServiceOptions | None = None, redis_url: str | None = None, redis_prefix: str = "obp:",
+                 cluster: bool = False, worker_id: str | None = None):
         self.config = config
         self.engine = engine
         self.options = options or ServiceOptions(admin_token=os.environ.get("OBP_ADMIN_TOKEN"))
@@ -83,9 +85,19 @@ class LiveService:
         self.probe = ChainClient(c.rpc_url, c.rpc_timeout_s, 0, c.max_logs_range)  # independent view of the head
         self.probed_head = -1
         self.heads: HeadWatcher | None = None
+        self.node: ClusterNode | None = None
+        if cluster:  # several processes: workers publish owned markets through Redis; everyone serves from it
+            if not redis_url:
+                raise ValueError("cluster mode needs REDIS_URL")
+            self.redis = None
+            self.node = ClusterNode(self, redis_url, worker_id, redis_prefix)
 
     # -- follower -> loop -----------------------------------------------------------------------------------
     def _from_follower(self, update: Update) -> None:
+        if self.node is not None:
+            self.node.publish(update)
+            metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
+            return
         if self.redis is not None:
             try:
                 self.redis.write(update, self.hub.names, self.follower.books)
@@ -111,6 +123,12 @@ class LiveService:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
+        if self.node is not None and not self.node.worker:  # API-only process: everything comes from Redis
+            await asyncio.to_thread(self.follower.refresh_registry, True)
+            await asyncio.to_thread(self._refresh_markets)
+            await asyncio.to_thread(self.node.start)
+            print(f"live: API process serving {len(self.hub.views)} markets from Redis", flush=True)
+            return
         await asyncio.to_thread(self.follower.cold_start)
         await asyncio.to_thread(self._refresh_markets)
         self.first_book_s = time.perf_counter() - t0
@@ -122,8 +140,12 @@ class LiveService:
         if self.options.head_subscription:
             self.heads = HeadWatcher(ws_url_for(self.config.chain.rpc_url), self.follower.wake)
             self.heads.start()
+        if self.node is not None:
+            await asyncio.to_thread(self.node.start)
 
     async def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
         self.follower.stop()
         if self.heads is not None:
             self.heads.stop()
@@ -164,6 +186,9 @@ class LiveService:
 
     def ready(self) -> tuple[bool, str]:
         """Ready only when the book is current: not when the chain moves on and we do not."""
+        if self.node is not None and not self.node.worker:
+            ok = self.node.feed.thread.is_alive() and bool(self.hub.views)
+            return ok, "serving from redis" if ok else "redis feed not running"
         h = self.health()
         if h["applied_block"] is None:
             return False, "cold start not finished"

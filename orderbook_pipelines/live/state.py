@@ -87,6 +87,24 @@ class LiveBooks:
             self.seq[m] += 1
         return touched
 
+    def adopt_events(self, market_id: int, ref: BlockRef, events: list[BookEvent]) -> None:
+        """Apply one block's events of a newly owned market; inside the kept window they get an undo log."""
+        book = self.books[market_id]
+        rec = next((a for a in self.applied if a.ref.number == ref.number), None)
+        log: UndoLog | None = rec.undo.setdefault(market_id, []) if rec is not None else None
+        book.record(log)
+        try:
+            for ev in events:
+                book.apply(ev)
+            book.end_block()
+        finally:
+            book.record(None)
+
+    def drop_market(self, market_id: int) -> None:
+        self.books.pop(market_id, None)
+        for rec in self.applied:
+            rec.undo.pop(market_id, None)
+
     def hash_at(self, number: int) -> str | None:
         """Hash of block `number` as we applied it, if still known (kept blocks, their parent, or the head)."""
         if self.head is not None and number == self.head.number:

@@ -1,0 +1,102 @@
+"""Wires a LiveService into the Redis cluster: membership and rebalancing for workers, the Redis feed for all.
+
+A worker (worker_id set) follows the chain for the markets it owns and publishes them, fenced, to Redis; any
+process, worker or API-only, serves its clients from the Redis feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import orjson
+
+from orderbook_pipelines.live.cluster import Cluster, RedisFeed, owner_of
+from orderbook_pipelines.live.follower import Update
+from orderbook_pipelines.live.state import MarketView
+from orderbook_pipelines.normalize import OrderEventRow
+
+if TYPE_CHECKING:
+    from orderbook_pipelines.live.service import LiveService
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNode:
+    def __init__(self, service: LiveService, redis_url: str, worker_id: str | None, prefix: str = "obp:",
+                 ttl_s: float = 3.0):
+        self.service = service
+        self.cluster = Cluster(redis_url, worker_id, prefix, ttl_s)
+        self.worker = worker_id is not None
+        self.feed = RedisFeed(self.cluster, self._resolve, self._deliver, self.deliver_rows)
+        self.fenced = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._membership_loop, name="membership", daemon=True)
+        if self.worker:
+            service.follower.owned = set()  # owns nothing until membership says so
+
+    def _resolve(self, name: str) -> int | None:
+        return self.service.hub.by_name.get(name)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.worker:
+            self.cluster.heartbeat()
+            self.rebalance()
+            self._thread.start()
+        self.feed.start()
+        self.feed.pubsub.subscribe(self.cluster.key("rows"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.worker:
+            self.cluster.leave()  # graceful: the others take our markets at their next rebalance
+        self.feed.stop()
+
+    def _membership_loop(self) -> None:
+        while not self._stop.wait(self.cluster.ttl_s / 3):
+            try:
+                self.cluster.heartbeat()
+                self.rebalance()
+            except Exception:  # Redis trouble: keep serving; the next beat retries
+                log.exception("membership heartbeat failed")
+
+    def rebalance(self) -> set[int]:
+        alive = self.cluster.alive()
+        if self.cluster.worker_id not in alive:
+            alive.append(self.cluster.worker_id)  # type: ignore[arg-type]
+        names = self.service.follower.market_names
+        owned = {m for m, n in names.items() if owner_of(n, alive) == self.cluster.worker_id}
+        current = self.service.follower.owned or set()
+        for m in owned - current:
+            self.cluster.claim(names[m])
+        self.service.follower.set_owned(owned)
+        return owned
+
+    # -- follower thread -> Redis ---------------------------------------------------------------------------
+    def publish(self, update: Update) -> None:
+        names = self.service.follower.market_names
+        for v in update.views:
+            if self.cluster.publish(names.get(v.market_id, str(v.market_id)), v, update.reason) < 0:
+                self.fenced += 1  # another worker owns it now; its adoption publishes the truth
+        if update.rows or update.reverted_from is not None:
+            doc = {"rows": [dataclasses.asdict(r) for r in update.rows], "reverted_from": update.reverted_from}
+            self.cluster.r.publish(self.cluster.key("rows"), orjson.dumps(doc))
+
+    # -- Redis feed -> event loop ---------------------------------------------------------------------------
+    def _deliver(self, views: list[MarketView], reason: str) -> None:
+        loop = self.service.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.service.hub.on_update, Update("reset" if reason == "reset" else "block",
+                                                                         views))
+
+    def deliver_rows(self, raw: bytes) -> None:
+        doc = orjson.loads(raw)
+        rows = [OrderEventRow(**r) for r in doc["rows"]]
+        reason = "reorg" if doc.get("reverted_from") is not None else "block"
+        loop = self.service.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.service.hub.on_update,
+                                      Update(reason, [], rows, reverted_from=doc.get("reverted_from")))
