@@ -163,7 +163,10 @@ def markets_register(metric_id: str, source: str, address: str | None = typer.Op
 
 
 @live_app.command("serve")
-def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080, min=1, max=65535)) -> None:
+def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8080, min=1, max=65535),
+               cluster: bool = typer.Option(False, help="share markets with other processes through REDIS_URL"),
+               worker_id: str | None = typer.Option(None, help="with --cluster: follow the chain as this worker "
+                                                          "(omit for an API-only process)")) -> None:
     """Follow the chain tip and serve /ws, /api/*, /health, /ready, /metrics."""
     import os
 
@@ -175,7 +178,10 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     cfg = _config()
     url = EnvSettings().database_url
     migrate(url)
-    service = LiveService(cfg, engine_for(url), redis_url=os.environ.get("REDIS_URL") or None)
+    redis_url = os.environ.get("REDIS_URL") or None
+    if cluster and not redis_url:
+        _fail("--cluster needs REDIS_URL (the processes share markets and streams through Redis)")
+    service = LiveService(cfg, engine_for(url), redis_url=redis_url, cluster=cluster, worker_id=worker_id)
     limits = service.hub.limits
     uvicorn.run(service.app(), host=host, port=port, log_level="warning", ws_max_size=limits.max_message_bytes * 4,
                 ws_ping_interval=20, ws_ping_timeout=20, timeout_keep_alive=5)

@@ -88,6 +88,7 @@ def test_two_workers_and_an_api_process_serve_identical_gap_free_streams(
             settle()
 
             assert owned_by_w1 and w2.node is not None
+            assert api.ready() == (True, "serving from redis") and api.follower.books.head is None  # follows nothing
             for a, b in zip(on_api, on_w2, strict=True):
                 assert a.levels() == b.levels() == contract_levels(chain, a.market, 50), a.market
                 assert (a.gaps, a.checksum_failures, b.gaps, b.checksum_failures) == (0, 0, 0, 0), a.market
