@@ -15,7 +15,6 @@ import io
 import json
 import os
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import polars as pl
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, text
 
+from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.book.model import BUY, SELL, Book, Level
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.replay import (
@@ -109,20 +109,9 @@ class MarketSnapshot:
         return f"snapshots/market={self.market_id}/block={self.block_number}.parquet"
 
 
-def checksum_string(bids: list[Level], asks: list[Level], depth: int = CHECKSUM_DEPTH) -> str:
-    """Top `depth` levels, bid i then ask i, each "price:quantity" (raw decimal integers), joined by ":"."""
-    parts: list[str] = []
-    for i in range(depth):
-        if i < len(bids):
-            parts.append(f"{bids[i].price}:{bids[i].quantity}")
-        if i < len(asks):
-            parts.append(f"{asks[i].price}:{asks[i].quantity}")
-    return ":".join(parts)
-
-
 def checksum(bids: list[Level], asks: list[Level], depth: int = CHECKSUM_DEPTH) -> int:
-    """CRC32 (zlib, unsigned) of `checksum_string`: what the live protocol sends with each depth update."""
-    return zlib.crc32(checksum_string(bids, asks, depth).encode("ascii"))
+    """The live protocol's checksum (book/checksum.py) of these levels."""
+    return book_checksum([(lv.price, lv.quantity) for lv in bids], [(lv.price, lv.quantity) for lv in asks], depth)
 
 
 def snapshot_of(mr: MarketReplay, market_id: int, market: str, block: int, block_hash: str, block_time: datetime,

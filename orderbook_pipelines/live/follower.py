@@ -22,7 +22,7 @@ from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.decoding import DecodedLog, Decoder
 from orderbook_pipelines.ingest import log_addresses
-from orderbook_pipelines.live.coldstart import books_from_events, final_height, order_key
+from orderbook_pipelines.live.coldstart import books_at, final_height, order_key
 from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, MarketView
 from orderbook_pipelines.normalize import MarketRegistry, OrderEventRow, normalize
 from orderbook_pipelines.storage import registry as reg_store
@@ -99,7 +99,7 @@ class Follower:
         c = self.config.chain
         h, h_hash = final_height(self.engine, c.chain_id, c.start_block)
         owned = self.owned
-        books = books_from_events(self.engine, c.chain_id, h, owned) if h >= c.start_block and owned != set() else {}
+        books = books_at(self.engine, c.chain_id, h, c.start_block, owned)
         header = self.client.header(max(h, 0))
         if h_hash is not None and header.hash != h_hash:
             raise DeepReorg(f"stored final block {h} ({h_hash}) is not on the chain ({header.hash}): "
@@ -157,10 +157,8 @@ class Follower:
         c = self.config.chain
         h, _ = final_height(self.engine, c.chain_id, c.start_block)
         h = min(h, self.books.head.number)
-        for m, book in books_from_events(self.engine, c.chain_id, h, markets).items():
+        for m, book in books_at(self.engine, c.chain_id, h, c.start_block, markets).items():
             self.books.books[m] = book
-        for m in markets:
-            self.books.books.setdefault(m, self.books.books[m])
         kept = [a.ref for a in self.books.applied if a.ref.number > h]
         final_to = (kept[0].number - 1) if kept else self.books.head.number
         if final_to > h and self._addresses:
