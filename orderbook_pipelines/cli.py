@@ -172,6 +172,7 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
 
     import uvicorn
 
+    from orderbook_pipelines.live.http_guard import HeaderDeadlineProtocol  # slow-loris: 10 s for headers
     from orderbook_pipelines.live.service import LiveService
     from orderbook_pipelines.storage.db import engine_for, migrate
 
@@ -184,7 +185,7 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     service = LiveService(cfg, engine_for(url), redis_url=redis_url, cluster=cluster, worker_id=worker_id)
     limits = service.hub.limits
     uvicorn.run(service.app(), host=host, port=port, log_level="warning", ws_max_size=limits.max_message_bytes * 4,
-                ws_ping_interval=20, ws_ping_timeout=20, timeout_keep_alive=5)
+                ws_ping_interval=20, ws_ping_timeout=20, timeout_keep_alive=5, http=HeaderDeadlineProtocol)
 
 
 @live_app.command("pause")

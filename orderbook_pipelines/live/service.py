@@ -21,10 +21,12 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from orderbook_pipelines import obs
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.live import metrics
@@ -69,6 +71,7 @@ class LiveService:
     def __init__(self, config: ProjectConfig, engine: Engine, limits: Limits | None = None,
                  options: ServiceOptions | None = None, redis_url: str | None = None, redis_prefix: str = "obp:",
                  cluster: bool = False, worker_id: str | None = None):
+        obs.bootstrap()  # secret files (OBP_ADMIN_TOKEN_FILE, ...) before reading them; JSON logs
         self.config = config
         self.engine = engine
         self.options = options or ServiceOptions(admin_token=os.environ.get("OBP_ADMIN_TOKEN"))
@@ -257,4 +260,4 @@ class LiveService:
             Route("/api/markets/summary", api.timed("/api/markets/summary", api.summary)),
             Route("/health", health), Route("/ready", ready), Route("/metrics", prom),
             Route("/openapi.json", openapi), Route("/admin/pause", pause, methods=["POST"]),
-        ], lifespan=lifespan)
+        ], lifespan=lifespan, middleware=[Middleware(obs.RequestLogMiddleware)])
