@@ -6,6 +6,7 @@ stable sort key (block, log index), so pages neither repeat nor skip rows while 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
 MAX_SPAN = timedelta(days=31)
+STATS_MAX_AGE_S = 5.0
 STATUSES = {"open", "partially_filled", "filled", "cancelled"}
 STATUS_GROUPS = {"active": ("open", "partially_filled"), "history": ("filled", "cancelled")}
 _TRADER = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -106,6 +108,10 @@ class Api:
         self.s = service
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self.rate = RateLimitItemPerSecond(requests_per_second)
+        self._stats: tuple[dict[int, tuple], dict[int, Any]] | None = None
+        self._stats_mono = 0.0
+        self._stats_at: str | None = None
+        self._stats_lock = asyncio.Lock()
 
     def _query(self, request: Request) -> dict[str, str]:
         q = dict(request.query_params)
@@ -221,15 +227,7 @@ class Api:
     async def summary(self, request: Request) -> Response:
         self._query(request)
         hub = self.s.hub
-        since = datetime.now(UTC) - timedelta(hours=24)
-        stats = {r[0]: r for r in await run_in_threadpool(self._rows, (
-            "SELECT market_id, sum(quantity), max(price), min(price), "
-            "(array_agg(price ORDER BY block_number DESC, log_index DESC))[1], count(*) FROM trades "
-            "WHERE block_time >= :since AND market_id = ANY(:pub) GROUP BY market_id"),
-            {"since": since, "pub": sorted(hub.publishable)})}
-        oi = dict(await run_in_threadpool(self._rows, (
-            "SELECT market_id, sum(net_quantity) FROM positions WHERE net_quantity > 0 AND market_id = ANY(:pub) "
-            "GROUP BY market_id"), {"pub": sorted(hub.publishable)}))
+        stats, oi = await self.market_stats()
         out = []
         for m in sorted(hub.publishable):
             v = hub.views.get(m)
@@ -242,7 +240,29 @@ class Api:
                 "volume_24h": _s(s[1] if s else 0), "high_24h": _s(s[2] if s else None),
                 "low_24h": _s(s[3] if s else None), "last": _s(s[4] if s else None), "trades_24h": s[5] if s else 0,
                 "open_interest": _s(oi.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
-        return JSON({"markets": out})
+        return JSON({"markets": out, "stats_as_of": self._stats_at})
+
+    async def market_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> tuple[dict[int, tuple], dict[int, Any]]:
+        """24h trade statistics and open interest of every published market, recomputed at most every
+        `max_age_s`: at thousands of markets the aggregate costs hundreds of ms, far too much per request,
+        while best bid/ask (the part that must be current) comes from the live book."""
+        if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
+            async with self._stats_lock:
+                if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
+                    pub = sorted(self.s.hub.publishable)
+                    since = datetime.now(UTC) - timedelta(hours=24)
+                    rows = await run_in_threadpool(self._rows, (
+                        "SELECT market_id, sum(quantity), max(price), min(price), "
+                        "(array_agg(price ORDER BY block_number DESC, log_index DESC))[1], count(*) FROM trades "
+                        "WHERE block_time >= :since AND market_id = ANY(:pub) GROUP BY market_id"),
+                        {"since": since, "pub": pub})
+                    oi = dict(await run_in_threadpool(self._rows, (
+                        "SELECT market_id, sum(net_quantity) FROM positions WHERE net_quantity > 0 "
+                        "AND market_id = ANY(:pub) GROUP BY market_id"), {"pub": pub}))
+                    self._stats = ({r[0]: r for r in rows}, oi)
+                    self._stats_mono = time.monotonic()
+                    self._stats_at = datetime.now(UTC).isoformat()
+        return self._stats
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         with self.s.engine.connect() as conn:

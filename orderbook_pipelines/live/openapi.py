@@ -51,7 +51,8 @@ SPEC: dict[str, Any] = {
                           "400": _ERR, "404": _ERR}}},
         "/api/markets/summary": {"get": {
             "summary": "Per market: best bid/ask, mid, spread, 24h volume/high/low/last, open interest",
-            "responses": {"200": _ok({"markets": {"type": "array"}}), "400": _ERR}}},
+            "responses": {"200": _ok({"markets": {"type": "array"}, "stats_as_of": {"type": ["string", "null"]}}),
+                          "400": _ERR}}},
         "/health": {"get": {"summary": "Liveness and state (head, applied block, lag, reorgs, pauses)",
                             "responses": {"200": _ok({"status": {"type": "string"}})}}},
         "/ready": {"get": {"summary": "200 only while the live book is current",
