@@ -61,17 +61,17 @@ def load_rows(engine: Any, market_ids: list[int], trades_per: int, orders_per: i
                     cp.write_row((m, 31337, block, j, "0x" + "ab" * 32, now - timedelta(seconds=rng.randint(0, 80_000)),
                                   "0x" + "cd" * 32, rng.randint(90, 110) * 10**18, rng.randint(1, 9) * 10**17,
                                   f"0x{rng.randint(1, 50):040x}", f"0x{rng.randint(1, 50):040x}"))
-        with cur.copy("COPY orders (market_id, chain_id, contract, order_id, trader, side, order_type, price, quantity, "
-                      "filled, remaining, status, fill_count, created_block, created_log, updated_block, created_at, "
-                      "updated_at) FROM STDIN") as cp:
+        with cur.copy("COPY orders (market_id, chain_id, contract, order_id, trader, side, order_type, price, "
+                      "quantity, filled, remaining, status, fill_count, created_block, created_log, updated_block, "
+                      "created_at, updated_at) FROM STDIN") as cp:
             oid = 0
             for m in market_ids:
                 for j in range(orders_per):
                     oid += 1
                     st = rng.choice(["open", "partially_filled", "filled", "cancelled"])
+                    remaining = 10**18 if st == "open" else 0
                     cp.write_row((m, 31337, "0x" + "11" * 20, str(oid), f"0x{rng.randint(1, 50):040x}", j % 2, 1,
-                                  rng.randint(90, 110) * 10**18, 10**18, 0, 10**18 if st == "open" else 0, st, 0, oid, 0,
-                                  oid, now, now))
+                                  rng.randint(90, 110) * 10**18, 10**18, 0, remaining, st, 0, oid, 0, oid, now, now))
         raw.commit()
     finally:
         raw.close()

@@ -89,6 +89,7 @@ class LiveService:
         self.probed_head = -1
         self.heads: HeadWatcher | None = None
         self.node: ClusterNode | None = None
+        self.api: Api | None = None
         if cluster:  # several processes: workers publish owned markets through Redis; everyone serves from it
             if not redis_url:
                 raise ValueError("cluster mode needs REDIS_URL")
@@ -161,6 +162,9 @@ class LiveService:
         while True:
             await asyncio.sleep(0.02)
             self.hub.flush_due()
+            if self.api is not None and time.monotonic() - self.api._stats_mono > 4.0:
+                with contextlib.suppress(Exception):
+                    await self.api.market_stats(max_age_s=4.0)
             if time.monotonic() - last_probe > 1.0:
                 last_probe = time.monotonic()
                 with contextlib.suppress(Exception):
@@ -204,7 +208,7 @@ class LiveService:
 
     # -- app ------------------------------------------------------------------------------------------------
     def app(self) -> Starlette:
-        api = Api(self, self.options.api_requests_per_second)
+        api = self.api = Api(self, self.options.api_requests_per_second)
 
         async def health(_: Request) -> Response:
             return JSONResponse({"status": "ok", **self.health()})
