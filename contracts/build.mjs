@@ -24,6 +24,7 @@ const TARGETS = [
   ["OrderRouter", "contracts/src/gen1/OrderRouter.sol"],
   ["OrderBook", "contracts/src/gen1/OrderBook.sol"],
   ["AluminumOrderBook", "contracts/src/gen2/AluminumOrderBook.sol"],
+  ["EventSpammer", "contracts/src/bench/EventSpammer.sol"], // load generator for bench/ only
 ];
 
 function toPosix(p) {
