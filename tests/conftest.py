@@ -88,6 +88,18 @@ def database() -> Iterator[str]:
     drop_database(url)
 
 
+ROUTER = "0x" + "11" * 20
+GEN1_BOOK = "0x" + "22" * 20
+GEN2_BOOK = "0x" + "33" * 20
+
+
+def sample_config(**kw: int) -> dict:
+    """A valid configuration document for made-up addresses (one gen-1 and one gen-2 market); no chain needed."""
+    dep = Deployment(rpc_url="http://x", chain_id=31337, start_block=1, router=ROUTER,
+                     gen1_books={"SILVER_V1": GEN1_BOOK}, gen2_books={"ALUMINUM_V1": GEN2_BOOK})
+    return project_config(dep, **kw)
+
+
 @dataclass
 class DevChain:
     anvil: Anvil

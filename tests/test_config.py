@@ -18,24 +18,13 @@ from orderbook_pipelines.config import (
     parse_config,
 )
 from orderbook_pipelines.decoding import Decoder
-from orderbook_pipelines.devchain.deploy import Deployment, project_config
+from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
 
-ROUTER = "0x" + "11" * 20
-GEN1_BOOK = "0x" + "22" * 20
-GEN2_BOOK = "0x" + "33" * 20
 ARTIFACTS = PROJECT_ROOT / "contracts" / "artifacts"
 
 
 def raw_config() -> dict:
-    dep = Deployment(
-        rpc_url="http://x",
-        chain_id=31337,
-        start_block=1,
-        router=ROUTER,
-        gen1_books={"SILVER_V1": GEN1_BOOK},
-        gen2_books={"ALUMINUM_V1": GEN2_BOOK},
-    )
-    return project_config(dep, confirmations=3, range_size=50)
+    return sample_config(confirmations=3, range_size=50)
 
 
 def config_error(raw: dict) -> str:

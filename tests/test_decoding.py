@@ -14,12 +14,9 @@ from hypothesis import strategies as st
 
 from orderbook_pipelines.config import ConfigError, parse_config
 from orderbook_pipelines.decoding import DecodedLog, Decoder, Rejected, event_topic
-from orderbook_pipelines.devchain.deploy import Deployment, project_config
 from orderbook_pipelines.normalize import MarketRegistry, normalize
+from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
 
-ROUTER = "0x" + "11" * 20
-GEN1_BOOK = "0x" + "22" * 20
-GEN2_BOOK = "0x" + "33" * 20
 UNREGISTERED = "0x" + "44" * 20
 TRADER = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01"  # mixed case on purpose
 MAKER = "0x" + "5a" * 20
@@ -57,15 +54,7 @@ U256_MAX = 2**256 - 1
 
 
 def raw_config() -> dict:
-    dep = Deployment(
-        rpc_url="http://x",
-        chain_id=31337,
-        start_block=1,
-        router=ROUTER,
-        gen1_books={"SILVER_V1": GEN1_BOOK},
-        gen2_books={"ALUMINUM_V1": GEN2_BOOK},
-    )
-    return project_config(dep)
+    return sample_config()
 
 
 ADDRESS_SOURCES = {ROUTER: "gen1_router", GEN1_BOOK: "gen1_book", GEN2_BOOK: "gen2_book"}
