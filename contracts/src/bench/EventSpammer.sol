@@ -48,6 +48,24 @@ contract EventSpammer {
         }
     }
 
+    /// @notice Opens only, in many markets in one transaction (OrderPlaced names its market, so no fill or
+    ///         cancel rides along): `perMarket` limit orders in each of `markets` (keccak256 of the metric ids),
+    ///         ids from `firstId`, prices around `mids[k]` as in `burst`, order `seq` of a market being `salt + j`.
+    function spread(bytes32[] calldata markets, uint256[] calldata mids, uint256 firstId, uint256 perMarket,
+                    uint256 salt, uint256 tick, uint256 unit) external {
+        for (uint256 k; k < markets.length; ++k) {
+            _spreadOne(markets[k], mids[k], firstId + k * perMarket, perMarket, salt, tick, unit);
+        }
+    }
+
+    function _spreadOne(bytes32 market, uint256 mid, uint256 firstId, uint256 n, uint256 salt, uint256 tick,
+                        uint256 unit) internal {
+        for (uint256 j; j < n; ++j) {
+            (uint256 side, uint256 price, uint256 qty) = _order(salt + j, mid, tick, unit);
+            _placed(firstId + j, _trader(firstId + j), market, side, qty, price);
+        }
+    }
+
     function _order(uint256 i, uint256 mid, uint256 tick, uint256 unit)
         internal
         pure
