@@ -7,7 +7,7 @@ VENV        := .venv
 ANVIL       := $(CURDIR)/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 PYTEST_ARGS ?=
 
-.PHONY: help setup contracts lint test run clean
+.PHONY: help setup contracts lint test run clean bench
 
 help:
 	@echo "make setup      create .venv (uv, requirements.lock) and node_modules (npm ci); idempotent"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint       ruff check ."
 	@echo "make test       lint + pytest; starts Postgres/Redis if needed (PYTEST_ARGS=... passes through)"
 	@echo "make run        anvil devchain + simulator + Dagster UI (Ctrl-C stops everything)"
+	@echo "make bench      benchmarks (bench/): JSON lines + tables; minutes, never part of make test"
 	@echo "make clean      stop the project-local Postgres/Redis and remove .run/ (keeps .venv)"
 
 setup:
@@ -39,6 +40,13 @@ test: setup
 	$(VENV)/bin/ruff check .; \
 	echo "[test] pytest -q $(PYTEST_ARGS)"; \
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \
+	redis_url="$$(bash scripts/ensure_redis.sh | tail -n 1)"; \
+	export DATABASE_URL="$$db_url" REDIS_URL="$$redis_url" OBP_ANVIL="$(ANVIL)"; \
+	$(VENV)/bin/python -m bench.backfill $(BENCH_ARGS); \
+	$(VENV)/bin/python -m bench.live $(BENCH_LIVE_ARGS)
 
 run:
 	@bash scripts/run.sh

@@ -28,11 +28,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--limits", default="{}")
     ap.add_argument("--options", default="{}")
+    ap.add_argument("--redis", default=None, help="Redis URL: enables the write-through tier")
+    ap.add_argument("--redis-prefix", default="obp_bench:")
     a = ap.parse_args()
     raise_nofile()
     t_start = time.perf_counter()
     limits = Limits(**json.loads(a.limits))
-    service = LiveService(load_config(a.config), engine_for(a.db), limits, ServiceOptions(**json.loads(a.options)))
+    service = LiveService(load_config(a.config), engine_for(a.db), limits, ServiceOptions(**json.loads(a.options)),
+                          redis_url=a.redis, redis_prefix=a.redis_prefix)
     rss_before = rss_bytes()
 
     def report() -> None:

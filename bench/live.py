@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,12 +37,14 @@ from pathlib import Path
 import httpx
 import orjson
 import psycopg
+import redis
 import requests
 import websockets
 from websockets.sync.client import connect
 
 from bench.common import (
     CHAIN_ID,
+    REDIS_URL,
     TICK,
     UNIT,
     Anvil,
@@ -133,14 +136,15 @@ def seed(db: str, config, chain: Anvil, contract: str, first_block: int, last_bl
 
 # -- the service process ----------------------------------------------------------------------------------------
 class Service:
-    def __init__(self, config_path: Path, db: str):
+    def __init__(self, config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = ""):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = config_path.parent / f"service-{self.port}.log"
         self.log_file = self.log_path.open("w")  # the service's own logs (one line per request): kept off screen
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._service", "--config", str(config_path), "--db", db, "--port",
-             str(self.port), "--limits", json.dumps(LIMITS), "--options", json.dumps(OPTIONS)],
+             str(self.port), "--limits", json.dumps(LIMITS), "--options", json.dumps(OPTIONS),
+             *(["--redis", redis_url, "--redis-prefix", redis_prefix] if redis_url else [])],
             stdout=subprocess.PIPE, stderr=self.log_file, text=True, cwd=Path(__file__).resolve().parent.parent)
         self.started_at = time.perf_counter()
         self.info: dict = {}
@@ -175,12 +179,20 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(config_path: Path, db: str) -> Iterator[Service]:
-    s = Service(config_path, db)
+def service(config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = "") -> Iterator[Service]:
+    s = Service(config_path, db, redis_url, redis_prefix)
     try:
         yield s
     finally:
         s.stop()
+
+
+def drop_redis_keys(url: str, prefix: str) -> int:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    return len(keys)
 
 
 # -- 4 + 5: cold start and memory -------------------------------------------------------------------------------
@@ -507,6 +519,7 @@ def main() -> None:
     ap.add_argument("--fanout-seconds", type=float, default=20)
     ap.add_argument("--rest-seconds", type=int, default=10)
     ap.add_argument("--sections", default="coldstart,memory,rest,latency,fanout")
+    ap.add_argument("--no-redis", action="store_true", help="run the service without the Redis write-through tier")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     raise_nofile()
@@ -533,9 +546,14 @@ def main() -> None:
             with service(cfg_path, empty_db) as empty:
                 base_rss = empty.rss()
         raw_s, raw_n = raw_read_seconds(db, last)
-        with service(cfg_path, db) as svc:
+        prefix = f"obp_bench_{uuid.uuid4().hex[:8]}:"
+        redis_url = None if args.no_redis else REDIS_URL
+        with contextlib.ExitStack() as stack:
+            if redis_url:
+                stack.callback(drop_redis_keys, redis_url, prefix)
+            svc = stack.enter_context(service(cfg_path, db, redis_url, prefix))
             info = svc.info
-            p = {"orders": args.orders, "markets": args.markets}
+            p = {"orders": args.orders, "markets": args.markets, "redis": bool(redis_url)}
             if "coldstart" in sections:
                 cs = rep.figure("coldstart_first_correct_book_s", info["first_book_s"], "s", **p, target=5)
                 rep.figure("coldstart_follower_cold_start_s", info["cold_start_s"], "s", **p)
