@@ -235,6 +235,10 @@ def _delete_range(conn: Connection, chain_id: int, cp: Checkpoint) -> tuple[int,
         text("DELETE FROM rejected_logs WHERE chain_id = :c AND block_number BETWEEN :s AND :e"), p).rowcount
     conn.execute(text("DELETE FROM blocks WHERE chain_id = :c AND number BETWEEN :s AND :e"), p)
     conn.execute(text("DELETE FROM ingestion_checkpoints WHERE chain_id = :c AND range_start = :s"), p)
+    # Depth snapshots at or above the range were built from the history being replaced: drop them (their
+    # orders cascade); the next snapshot run rebuilds from an older, still valid one.
+    conn.execute(text("DELETE FROM depth_snapshots WHERE block_number >= :s AND market_id IN "
+                      "(SELECT market_id FROM markets WHERE chain_id = :c)"), p)
     if order_keys:
         conn.execute(
             text("""DELETE FROM orders o USING unnest(CAST(:k1 AS text[]), CAST(:k2 AS text[])) AS k(contract, oid)

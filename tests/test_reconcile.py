@@ -227,3 +227,20 @@ def test_dagster_ingestion_fails_on_the_fork_the_sensor_asks_for_reconciliation_
     assert meta["ranges_mismatched"].value == 0 and meta["ranges_checked"].value == len(_stored_ranges(db))
     again = materialize(ingestion_assets, partition_key=key, instance=instance, resources=resources)
     assert again.success
+
+
+def test_repair_drops_depth_snapshots_built_on_the_replaced_history(forked: tuple[DevChain, str],
+                                                                    tmp_path: Path) -> None:
+    from orderbook_pipelines.snapshots import build_snapshots, store_snapshots
+
+    chain, db = forked
+    stored = _stored_ranges(db)
+    for (done,) in _table(db, "SELECT processed_to FROM ingestion_checkpoints ORDER BY range_start"):
+        snaps, _ = build_snapshots(engine_for(db), at_block=done)
+        store_snapshots(engine_for(db), snaps, tmp_path)
+    report = reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db), lookback_ranges=len(stored))
+    first_repaired = min(int(k[:12]) for k in report.ranges_repaired)
+    blocks = [b for (b,) in _table(db, "SELECT DISTINCT block_number FROM depth_snapshots ORDER BY 1")]
+    assert blocks and all(b < first_repaired for b in blocks)  # older snapshots stay, forked ones are gone
+    assert _table(db, "SELECT count(*) FROM snapshot_orders o LEFT JOIN depth_snapshots d USING "
+                      "(market_id, block_number) WHERE d.market_id IS NULL") == [(0,)]
