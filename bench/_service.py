@@ -8,6 +8,7 @@ Prints one line `BENCH_SERVICE {json}` once the first correct book is served (co
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import threading
 import time
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--options", default="{}")
     ap.add_argument("--redis", default=None, help="Redis URL: enables the write-through tier")
     ap.add_argument("--redis-prefix", default="obp_bench:")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="experiment: gc.freeze() once the books are loaded (see README, Performance)")
     a = ap.parse_args()
     raise_nofile()
     t_start = time.perf_counter()
@@ -41,6 +44,9 @@ def main() -> None:
     def report() -> None:
         while service.first_book_s is None:
             time.sleep(0.005)
+        if a.gc_freeze:
+            gc.collect()
+            gc.freeze()
         books = service.follower.books.books
         print("BENCH_SERVICE " + json.dumps({
             "first_book_s": service.first_book_s, "cold_start_s": service.follower.stats.cold_start_s,

@@ -136,7 +136,8 @@ def seed(db: str, config, chain: Anvil, contract: str, first_block: int, last_bl
 
 # -- the service process ----------------------------------------------------------------------------------------
 class Service:
-    def __init__(self, config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = ""):
+    def __init__(self, config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = "",
+                 extra: list[str] | None = None):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = config_path.parent / f"service-{self.port}.log"
@@ -144,7 +145,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._service", "--config", str(config_path), "--db", db, "--port",
              str(self.port), "--limits", json.dumps(LIMITS), "--options", json.dumps(OPTIONS),
-             *(["--redis", redis_url, "--redis-prefix", redis_prefix] if redis_url else [])],
+             *(["--redis", redis_url, "--redis-prefix", redis_prefix] if redis_url else []), *(extra or [])],
             stdout=subprocess.PIPE, stderr=self.log_file, text=True, cwd=Path(__file__).resolve().parent.parent)
         self.started_at = time.perf_counter()
         self.info: dict = {}
@@ -179,8 +180,9 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = "") -> Iterator[Service]:
-    s = Service(config_path, db, redis_url, redis_prefix)
+def service(config_path: Path, db: str, redis_url: str | None = None, redis_prefix: str = "",
+            extra: list[str] | None = None) -> Iterator[Service]:
+    s = Service(config_path, db, redis_url, redis_prefix, extra)
     try:
         yield s
     finally:
@@ -349,13 +351,23 @@ def _clients(url: str, first: int, n: int, markets: int, per_client: int, second
     raise_nofile()
 
     async def one(k: int, stats: dict) -> None:
-        async with websockets.connect(f"ws://{url}/ws", max_size=2**24, ping_interval=None) as ws:
+        try:
+            await _one(k, stats)
+        except Exception:  # a refused/failed connection is counted, never hangs the run
+            stats["failed"] += 1
+            if not stats.get("counted_" + str(k)):
+                stats["ready"] += 1
+
+    async def _one(k: int, stats: dict) -> None:
+        async with websockets.connect(f"ws://{url}/ws", max_size=2**24, ping_interval=None,
+                                      open_timeout=120) as ws:
             if not echo:
                 for j in range(per_client):
                     m = (k * per_client + j) % markets
                     await ws.send(orjson.dumps({"op": "subscribe", "channel": "book", "market": market_name(m),
                                                 "depth": 20}).decode())
             stats["ready"] += 1
+            stats["counted_" + str(k)] = True
             while stats["end"] is None or time.monotonic() < stats["end"]:
                 try:
                     raw = await asyncio.wait_for(ws.recv(), timeout=1)
@@ -371,7 +383,7 @@ def _clients(url: str, first: int, n: int, markets: int, per_client: int, second
                         stats["samples"].append((msg["block"]["number"], now))
 
     async def run() -> dict:
-        stats = {"ready": 0, "deltas": 0, "samples": [], "start": None, "end": None}
+        stats = {"ready": 0, "failed": 0, "deltas": 0, "samples": [], "start": None, "end": None}
         tasks = [asyncio.create_task(one(first + k, stats)) for k in range(n)]
         while stats["ready"] < n:
             await asyncio.sleep(0.05)
@@ -383,7 +395,8 @@ def _clients(url: str, first: int, n: int, markets: int, per_client: int, second
         return stats
 
     s = asyncio.run(run())
-    q.put(("done", {"deltas": s["deltas"], "samples": s["samples"], "start": s["start"], "end": s["end"]}))
+    q.put(("done", {"deltas": s["deltas"], "samples": s["samples"], "start": s["start"], "end": s["end"],
+                    "failed": s["failed"]}))
 
 
 def _start_clients(url: str, clients: int, procs: int, markets: int, per_client: int, seconds: float,
@@ -397,7 +410,7 @@ def _start_clients(url: str, clients: int, procs: int, markets: int, per_client:
         p.start()
     ready = 0
     while ready < procs:
-        kind, _ = q.get(timeout=300)
+        kind, _ = q.get(timeout=600)
         ready += kind == "ready"
     return ps, q
 
@@ -447,7 +460,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 
 
 def fanout(rep: Report, chain: Anvil, spammer: Spammer, svc: Service, markets: int, clients: int,
-           per_client: int, seconds: float, procs: int) -> None:
+           per_client: int, seconds: float, procs: int) -> float:
     hashes = [bytes.fromhex(metric_hash(m)[2:]) for m in range(markets)]
     mids = [market_mid(m) for m in range(markets)]
     ps, q = _start_clients(svc.url, clients, procs, markets, per_client, seconds)
@@ -479,7 +492,13 @@ def fanout(rep: Report, chain: Anvil, spammer: Spammer, svc: Service, markets: i
     rep.figure("fanout_latency_p50_ms", percentile(lats, 50) * 1000, "ms", **p, samples=len(lats))
     rep.figure("fanout_latency_p99_ms", percentile(lats, 99) * 1000, "ms", **p)
 
-    # ceiling: a bare broadcaster pushing a delta-sized message to the same number of clients
+    rep.figure("fanout_failed_connections", sum(r["failed"] for r in res), "clients")
+    return ours
+
+
+def fanout_ceiling(rep: Report, ours: float, markets: int, clients: int, per_client: int, seconds: float,
+                   procs: int) -> None:
+    """Run with the live service stopped: a bare broadcaster pushing a delta-sized message to as many clients."""
     sample = orjson.dumps({"type": "delta", "channel": "book", "market": "BENCH_0001", "depth": 20, "interval_ms": 0,
                            "seq": 1, "prev_seq": 0, "block": {"number": 1, "hash": "0x" + "ab" * 32},
                            "bids": [["1000000000000000000000", "3000000000000000000"]], "asks": [],
@@ -520,6 +539,8 @@ def main() -> None:
     ap.add_argument("--rest-seconds", type=int, default=10)
     ap.add_argument("--sections", default="coldstart,memory,rest,latency,fanout")
     ap.add_argument("--no-redis", action="store_true", help="run the service without the Redis write-through tier")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="experiment: the service calls gc.freeze() after cold start")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     raise_nofile()
@@ -551,9 +572,10 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             if redis_url:
                 stack.callback(drop_redis_keys, redis_url, prefix)
-            svc = stack.enter_context(service(cfg_path, db, redis_url, prefix))
+            svc = stack.enter_context(service(cfg_path, db, redis_url, prefix,
+                                              ["--gc-freeze"] if args.gc_freeze else None))
             info = svc.info
-            p = {"orders": args.orders, "markets": args.markets, "redis": bool(redis_url)}
+            p = {"orders": args.orders, "markets": args.markets, "redis": bool(redis_url), "gc_freeze": args.gc_freeze}
             if "coldstart" in sections:
                 cs = rep.figure("coldstart_first_correct_book_s", info["first_book_s"], "s", **p, target=5)
                 rep.figure("coldstart_follower_cold_start_s", info["cold_start_s"], "s", **p)
@@ -577,16 +599,22 @@ def main() -> None:
                 for name, r in (("depth", d), ("summary", s), ("health_baseline", h)):
                     rep.figure(f"rest_{name}_rps", r["rps"], "req/s", connections=50, tool=r["tool"],
                                non2xx=r.get("non2xx", 0))
+                    rep.figure(f"rest_{name}_p50_ms", r["p50"], "ms", connections=50)
                     rep.figure(f"rest_{name}_p99_ms", r["p99"], "ms", connections=50,
                                **({"target": 10} if name == "depth" else {}))
                 rep.figure("ratio_depth_rps_over_health", d["rps"] / h["rps"], "x")
             if "latency" in sections:
                 log(f"latency over {args.blocks} blocks ...")
                 latency(rep, chain, spammer, svc, args.markets, args.blocks, 5)
+            ours_fanout = None
             if "fanout" in sections:
                 log("fan-out ...")
-                fanout(rep, chain, spammer, svc, args.markets, args.clients, args.subs_per_client,
-                       args.fanout_seconds, args.client_procs)
+                ours_fanout = fanout(rep, chain, spammer, svc, args.markets, args.clients, args.subs_per_client,
+                                     args.fanout_seconds, args.client_procs)
+        if ours_fanout is not None:
+            log("fan-out ceiling (bare broadcaster) ...")
+            fanout_ceiling(rep, ours_fanout, args.markets, args.clients, args.subs_per_client, args.fanout_seconds,
+                           args.client_procs)
         rep.table("live service")
 
 
