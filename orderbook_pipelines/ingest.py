@@ -6,9 +6,10 @@ Kept free of Dagster so that the assets, the CLI and the tests run the very same
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from orderbook_pipelines import ingest_metrics
 from orderbook_pipelines.chain.rpc import ChainClient
@@ -61,7 +62,8 @@ def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> di
 
 @ingest_metrics.traced_range
 def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, start: int, end: int,
-                 run_id: str | None = None) -> RangeReport:
+                 run_id: str | None = None, conn: Connection | None = None) -> RangeReport:
+    given = conn  # the caller's transaction, if any (the name `conn` is rebound below)
     t0 = time.perf_counter()
     cid = config.chain.chain_id
     head = chain.block_number()
@@ -70,7 +72,7 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
         raise RangeNotFinal(f"range {start}-{end} is not final yet: safe head is {safe} (head {head})")
     processed_to = min(end, safe)
 
-    with engine.begin() as conn:
+    with _transaction(engine, given) as conn:
         registry.sync_configured_markets(conn, config)
         addr_sources = log_addresses(config, registry.market_addresses(conn, cid))
     decoder = Decoder(config, addr_sources)
@@ -89,7 +91,7 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
     headers = chain.headers(sorted(wanted))
     mark = ingest_metrics.stage("headers", mark, blocks=len(headers))
 
-    with engine.begin() as conn:
+    with _transaction(engine, given) as conn:
         discovered = 0
         hashes = metric_hashes_needed(decoded)
         if hashes:
@@ -119,6 +121,11 @@ def _book_source(config: ProjectConfig, router_source: str) -> str:
         if s.addresses == "markets":
             return s.name
     return router_source
+
+
+def _transaction(engine: Engine, conn: Connection | None) -> AbstractContextManager[Connection]:
+    """The caller's transaction when given (reconciliation repairs a range atomically), else a new one."""
+    return nullcontext(conn) if conn is not None else engine.begin()
 
 
 def project_range(engine: Engine, chain_id: int, start: int, end: int) -> dict[str, int]:

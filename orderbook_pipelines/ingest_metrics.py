@@ -89,7 +89,8 @@ def traced_range(fn: F) -> F:
     """Wrap ingest_range: one trace id per block range, outcome counters, lag gauges, a summary log line."""
 
     @functools.wraps(fn)
-    def wrapper(config: Any, chain: Any, engine: Any, start: int, end: int, run_id: str | None = None) -> Any:
+    def wrapper(config: Any, chain: Any, engine: Any, start: int, end: int, run_id: str | None = None,
+                **kwargs: Any) -> Any:
         from orderbook_pipelines.storage.writer import ReorgDetected
 
         stages: dict[str, float] = {}
@@ -98,7 +99,7 @@ def traced_range(fn: F) -> F:
         with obs.trace(block_range=f"{start}-{end}", run_id=run_id) as tid:
             stages["trace_id"] = tid  # type: ignore[assignment]
             try:
-                report = fn(config, chain, engine, start, end, run_id=run_id)
+                report = fn(config, chain, engine, start, end, run_id=run_id, **kwargs)
             except ReorgDetected as exc:
                 REORGS.inc()
                 RANGES.labels("reorg").inc()

@@ -372,24 +372,25 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
 
 def _repair_range(config: ProjectConfig, chain: ChainClient, engine: Engine, report: ReconcileReport,
                   cp: Checkpoint, run_id: str | None) -> None:
+    """Delete, re-ingest and re-project one range in ONE transaction: a crash or an RPC failure midway
+    leaves the old rows (and the checkpoint that makes reconciliation look again), never a hole."""
     cid = config.chain.chain_id
     with engine.begin() as conn:
         events, rejected, order_keys, traders = _delete_range(conn, cid, cp)
-    report.events_deleted += events
-    report.rejected_deleted += rejected
-    try:
-        r = ingest_range(config, chain, engine, cp.range_start, cp.range_end, run_id=run_id)
-        report.events_inserted += r.events_inserted
-    except RangeNotFinal:
-        # The chain is now shorter than what we had stored as final: nothing of this range is final any more.
-        report.ranges_not_final.append(range_key(cp.range_start, cp.range_end))
-        r = None
-    with engine.begin() as conn:
+        try:
+            r = ingest_range(config, chain, engine, cp.range_start, cp.range_end, run_id=run_id, conn=conn)
+        except RangeNotFinal:
+            # The chain is now shorter than what we had stored as final: nothing of this range is final any more.
+            report.ranges_not_final.append(range_key(cp.range_start, cp.range_end))
+            r = None
         if r is not None:
             project_trades(conn, cid, cp.range_start, cp.range_end)
             project_orders(conn, cid, cp.range_start, cp.range_end)
             project_positions(conn, cid, cp.range_start, cp.range_end)
         o, p = _rebuild_keys(conn, cid, order_keys, traders)
+    report.events_deleted += events
+    report.rejected_deleted += rejected
+    report.events_inserted += r.events_inserted if r else 0
     report.orders_recomputed += len(order_keys)
     report.positions_recomputed += len(traders)
     report.ranges_repaired.append(range_key(cp.range_start, cp.range_end))

@@ -244,3 +244,26 @@ def test_repair_drops_depth_snapshots_built_on_the_replaced_history(forked: tupl
     assert blocks and all(b < first_repaired for b in blocks)  # older snapshots stay, forked ones are gone
     assert _table(db, "SELECT count(*) FROM snapshot_orders o LEFT JOIN depth_snapshots d USING "
                       "(market_id, block_number) WHERE d.market_id IS NULL") == [(0,)]
+
+
+def test_a_repair_cut_off_by_the_rpc_changes_nothing_and_a_rerun_completes(forked: tuple[DevChain, str]) -> None:
+    """Each range is deleted, re-ingested and re-projected in one transaction: an RPC that dies after the
+    comparison (during the re-ingestion) must leave the old rows and checkpoints, never a hole."""
+    from orderbook_pipelines.chain.rpc import RpcError
+    from tests.rpc_proxy import RpcProxy, fail_get_logs_after
+
+    chain, db = forked
+    before = _state(db)
+    cp_sql = "SELECT range_start, processed_to, last_hash FROM ingestion_checkpoints ORDER BY 1"
+    checkpoints = _table(db, cp_sql)
+    with RpcProxy(chain.anvil.url, lambda _req, _n: None) as counting:
+        reconcile(chain.config, ChainClient(counting.url), engine_for(db), lookback_ranges=100, repair=False)
+        comparison_calls = counting.calls["eth_getLogs"]
+    with RpcProxy(chain.anvil.url, fail_get_logs_after(comparison_calls)) as dying:
+        with pytest.raises(RpcError, match="503"):
+            reconcile(chain.config, ChainClient(dying.url, retries=0), engine_for(db), lookback_ranges=100)
+        assert dying.calls["eth_getLogs"] > comparison_calls  # it did reach the re-ingestion
+    assert _state(db) == before
+    assert _table(db, cp_sql) == checkpoints
+    report = reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db), lookback_ranges=100)
+    assert report.repaired and _state(db) != before
