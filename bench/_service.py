@@ -13,12 +13,10 @@ import json
 import threading
 import time
 
-import uvicorn
-
 from bench.common import raise_nofile, rss_bytes
 from orderbook_pipelines.config import load_config
 from orderbook_pipelines.live.hub import Limits
-from orderbook_pipelines.live.service import LiveService, ServiceOptions
+from orderbook_pipelines.live.service import LiveService, ServiceOptions, serve
 from orderbook_pipelines.storage.db import engine_for
 
 
@@ -54,8 +52,7 @@ def main() -> None:
             "markets": len(books), "open_orders": sum(len(b.orders) for b in books.values())}), flush=True)
 
     threading.Thread(target=report, daemon=True).start()
-    uvicorn.run(service.app(), host="127.0.0.1", port=a.port, log_level="warning", access_log=False,
-                ws_max_size=limits.max_message_bytes * 4)
+    serve(service, "127.0.0.1", a.port)
 
 
 if __name__ == "__main__":

@@ -170,10 +170,7 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     """Follow the chain tip and serve /ws, /api/*, /health, /ready, /metrics."""
     import os
 
-    import uvicorn
-
-    from orderbook_pipelines.live.http_guard import HeaderDeadlineProtocol  # slow-loris: 10 s for headers
-    from orderbook_pipelines.live.service import LiveService
+    from orderbook_pipelines.live.service import LiveService, serve
     from orderbook_pipelines.storage.db import engine_for, migrate
 
     cfg = _config()
@@ -183,9 +180,7 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     if cluster and not redis_url:
         _fail("--cluster needs REDIS_URL (the processes share markets and streams through Redis)")
     service = LiveService(cfg, engine_for(url), redis_url=redis_url, cluster=cluster, worker_id=worker_id)
-    limits = service.hub.limits
-    uvicorn.run(service.app(), host=host, port=port, log_level="warning", ws_max_size=limits.max_message_bytes * 4,
-                ws_ping_interval=20, ws_ping_timeout=20, timeout_keep_alive=5, http=HeaderDeadlineProtocol)
+    serve(service, host, port)
 
 
 @live_app.command("pause")

@@ -7,11 +7,12 @@ market of the other logs of their transaction, which is where the contracts put 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from orderbook_pipelines.config import EventKind
 from orderbook_pipelines.decoding import DecodedLog
@@ -117,8 +118,8 @@ def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int
             sell_order_id=_id_text(get("sell_order_id")),
             buyer=_id_text(get("buyer")),
             seller=_id_text(get("seller")),
-            args=json.dumps({k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
-                             for k, v in a.items()}, sort_keys=True),
+            args=orjson.dumps({k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
+                               for k, v in a.items()}, option=orjson.OPT_SORT_KEYS).decode(),
         )
         rows.append(row)
         by_tx[row.tx_hash].append(row)

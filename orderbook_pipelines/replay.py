@@ -153,12 +153,10 @@ class MarketReplay:
 
     def end_block(self, block: int) -> None:
         if self.strict:
-            orphans = [k for k, o in self.book.orders.items() if o.quantity is None]
+            orphans = [k for k in self.book.transient() if self.book.orders[k].quantity is None]
             if orphans:
                 raise ReplayError(f"block {block}: fill(s) of order {orphans[0]} whose open never arrived")
-        before = set(self.book.orders)
-        self.book.end_block()
-        for k in before - set(self.book.orders):
+        for k in self.book.end_block():
             self.traders.pop(k, None)
             if self.strict:
                 self.closed.add(k)

@@ -14,7 +14,7 @@ import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
 from orderbook_pipelines.live.hub import Limits
-from orderbook_pipelines.live.service import LiveService, ServiceOptions
+from orderbook_pipelines.live.service import LiveService, ServiceOptions, server_settings
 from orderbook_pipelines.storage.db import engine_for
 from tests.conftest import DevChain, free_port
 
@@ -22,13 +22,14 @@ from tests.conftest import DevChain, free_port
 @contextmanager
 def running_service(chain: DevChain, db: str, limits: Limits | None = None, redis_url: str | None = None,
                     admin_token: str | None = None, redis_prefix: str = "obp:", cluster: bool = False,
-                    worker_id: str | None = None) -> Iterator[tuple[LiveService, str]]:
-    service = LiveService(chain.config, engine_for(db), limits,
-                          ServiceOptions(poll_s=0.5, admin_token=admin_token, markets_refresh_s=0.5),
-                          redis_url=redis_url, redis_prefix=redis_prefix, cluster=cluster, worker_id=worker_id)
+                    worker_id: str | None = None, options: ServiceOptions | None = None,
+                    ) -> Iterator[tuple[LiveService, str]]:
+    """The service under uvicorn with the production settings (`server_settings`), in a thread."""
+    options = options or ServiceOptions(poll_s=0.5, admin_token=admin_token, markets_refresh_s=0.5)
+    service = LiveService(chain.config, engine_for(db), limits, options, redis_url=redis_url,
+                          redis_prefix=redis_prefix, cluster=cluster, worker_id=worker_id)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(service.app(), host="127.0.0.1", port=port, log_level="warning",
-                                           ws_max_size=(limits or Limits()).max_message_bytes * 4))
+    server = uvicorn.Server(uvicorn.Config(service.app(), **server_settings(service, "127.0.0.1", port)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -22,18 +22,16 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.live.http_guard import HEADER_TIMEOUT_S, HeaderDeadlineProtocol
-from orderbook_pipelines.live.hub import Limits
+from orderbook_pipelines.live.http_guard import HEADER_TIMEOUT_S
 from orderbook_pipelines.live.service import LiveService, ServiceOptions
-from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import Anvil, DevChain, free_port, make_devchain, new_database
-from tests.live_harness import wait_until_current
+from orderbook_pipelines.storage.db import drop_database
+from tests.conftest import Anvil, DevChain, make_devchain, new_database
+from tests.live_harness import running_service, wait_until_current
 from tests.test_security import ingest_all
 
 ABUSER_ADDR = "127.0.0.2"  # a distinct client for the per-client limits; Linux routes all of 127/8 to lo
@@ -42,24 +40,9 @@ ABUSER_ADDR = "127.0.0.2"  # a distinct client for the per-client limits; Linux 
 @contextmanager
 def serve(chain: DevChain, db: str, options: ServiceOptions) -> Iterator[tuple[LiveService, str]]:
     """The service as `orderbook live serve` configures uvicorn (header deadline, keep-alive, frame size)."""
-    service = LiveService(chain.config, engine_for(db), Limits(), options)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        service.app(), host="127.0.0.1", port=port, log_level="warning", http=HeaderDeadlineProtocol,
-        ws_max_size=Limits().max_message_bytes * 4, timeout_keep_alive=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("live service did not start")
-        time.sleep(0.05)
-    try:
+    with running_service(chain, db, options=options) as (service, url):
         wait_until_current(service, chain)
-        yield service, f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+        yield service, url
 
 
 @pytest.fixture(scope="module")

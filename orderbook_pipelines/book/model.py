@@ -61,6 +61,7 @@ class Book:
     _qty: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
     _count: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
     _undo: UndoLog | None = None
+    _transient: set[str] = field(default_factory=set)  # keys that were non-limit after an event this block
 
     def record(self, log: UndoLog | None) -> None:
         """Record every change into `log` (None stops) so that `undo(log)` can roll a reorged block back."""
@@ -113,17 +114,27 @@ class Book:
             del self.orders[ev.order_id]  # terminal: keep memory bounded to live orders
         else:
             self.orders[ev.order_id] = o
+            if not o.is_limit:
+                self._transient.add(ev.order_id)
 
-    def end_block(self) -> None:
+    def end_block(self) -> list[str]:
         """Forget what cannot outlive a transaction: market orders and fills of orders never opened.
 
         Every known contract emits a market order's events (and any fill-before-open) inside one transaction,
-        so after a block such entries are dead; dropping them keeps memory bounded to resting orders.
+        so after a block such entries are dead; dropping them keeps memory bounded to resting orders. Only the
+        keys touched this block are looked at, so a block costs its events, not the size of the book.
+        Returns the keys dropped.
         """
-        dead = [k for k, o in self.orders.items() if not o.is_limit]
+        dead = [k for k in self._transient if (o := self.orders.get(k)) is not None and not o.is_limit]
+        self._transient.clear()
         for k in dead:
             self._save_order(k)
             del self.orders[k]
+        return dead
+
+    def transient(self) -> list[str]:
+        """Keys seen this block whose order is not a resting limit order (e.g. fills whose open is missing)."""
+        return [k for k in self._transient if (o := self.orders.get(k)) is not None and not o.is_limit]
 
     def _contribute(self, o: _Order, sign: int) -> None:
         r = o.resting

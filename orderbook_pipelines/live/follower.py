@@ -83,7 +83,8 @@ class Follower:
             return
         cid = self.config.chain.chain_id
         with self.engine.begin() as conn:
-            reg_store.sync_configured_markets(conn, self.config)
+            if force:  # configured markets change with a restart; later refreshes only pick up new rows
+                reg_store.sync_configured_markets(conn, self.config)
             self._registry = reg_store.load_registry(conn, cid)
             addr_sources = log_addresses(self.config, reg_store.market_addresses(conn, cid))
             self.market_names = reg_store.market_names(conn, cid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -136,6 +137,9 @@ class LiveService:
         await asyncio.to_thread(self.follower.cold_start)
         await asyncio.to_thread(self._refresh_markets)
         self.first_book_s = time.perf_counter() - t0
+        # Millions of long-lived book objects: keep them out of the cyclic GC's full collections, whose pauses
+        # otherwise show up as REST/WebSocket tail latency (bench/live.py).
+        gc.freeze()
         st = self.follower.stats
         print(f"live: first correct book after {self.first_book_s:.2f}s at block {st.cold_start_block} "
               f"({len(self.hub.views)} markets)", flush=True)
@@ -265,3 +269,21 @@ class LiveService:
             Route("/health", health), Route("/ready", ready), Route("/metrics", prom),
             Route("/openapi.json", openapi), Route("/admin/pause", pause, methods=["POST"]),
         ], lifespan=lifespan, middleware=[Middleware(obs.RequestLogMiddleware)])
+
+
+def server_settings(service: LiveService, host: str, port: int, **overrides: Any) -> dict[str, Any]:
+    """uvicorn settings of the live service in production (the CLI, the benchmarks and the tests use them)."""
+    from orderbook_pipelines.live.http_guard import HeaderDeadlineProtocol  # slow-loris: 10 s for headers
+
+    return {
+        "host": host, "port": port, "log_level": "warning", "access_log": False,
+        "ws_max_size": service.hub.limits.max_message_bytes * 4,
+        "ws_per_message_deflate": False,  # would compress every shared delta once per subscriber
+        "ws_ping_interval": 20, "ws_ping_timeout": 20, "timeout_keep_alive": 5, "http": HeaderDeadlineProtocol,
+    } | overrides
+
+
+def serve(service: LiveService, host: str, port: int, **overrides: Any) -> None:
+    import uvicorn
+
+    uvicorn.run(service.app(), **server_settings(service, host, port, **overrides))

@@ -27,40 +27,47 @@ _TRADES = text("""
     ON CONFLICT DO NOTHING
 """)
 
-_ORDERS = text("""
+_OPEN = "FILTER (WHERE e.kind = 'open' AND e.market_id IS NOT NULL)"
+_FIRST = "ORDER BY e.block_number, e.log_index"
+# One aggregate pass over the touched orders' events. (Two aggregates joined to each other planned as a nested
+# loop on fresh partitions without statistics: quadratic in the range size, bench/backfill.py.)
+_ORDERS = text(f"""
     WITH touched AS (
         SELECT DISTINCT contract, order_id FROM order_events
         WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind IN ('open', 'fill', 'cancel')
           AND order_id IS NOT NULL
-    ), opens AS (
-        SELECT DISTINCT ON (e.contract, e.order_id) e.*
-        FROM order_events e JOIN touched t ON t.contract = e.contract AND t.order_id = e.order_id
-        WHERE e.chain_id = :c AND e.kind = 'open' AND e.market_id IS NOT NULL
-        ORDER BY e.contract, e.order_id, e.block_number, e.log_index
-    ), later AS (
+    ), agg AS (
         SELECT e.contract, e.order_id,
+               (array_agg(e.market_id {_FIRST}) {_OPEN})[1] AS market_id,
+               (array_agg(e.trader {_FIRST}) {_OPEN})[1] AS trader,
+               (array_agg(e.side {_FIRST}) {_OPEN})[1] AS side,
+               (array_agg(e.order_type {_FIRST}) {_OPEN})[1] AS order_type,
+               (array_agg(e.price {_FIRST}) {_OPEN})[1] AS price,
+               (array_agg(e.quantity {_FIRST}) {_OPEN})[1] AS quantity,
+               (array_agg(e.block_number {_FIRST}) {_OPEN})[1] AS created_block,
+               (array_agg(e.log_index {_FIRST}) {_OPEN})[1] AS created_log,
+               (array_agg(e.block_time {_FIRST}) {_OPEN})[1] AS created_at,
                COALESCE(sum(e.quantity) FILTER (WHERE e.kind = 'fill'), 0) AS filled,
                count(*) FILTER (WHERE e.kind = 'fill') AS fill_count,
                bool_or(e.kind = 'cancel') AS cancelled,
                max(e.block_number) AS updated_block,
                max(e.block_time) AS updated_at
-        FROM order_events e JOIN touched t ON t.contract = e.contract AND t.order_id = e.order_id
-        WHERE e.chain_id = :c AND e.kind IN ('open', 'fill', 'cancel')
+        FROM touched t JOIN order_events e ON e.chain_id = :c AND e.contract = t.contract AND e.order_id = t.order_id
+        WHERE e.kind IN ('open', 'fill', 'cancel')
         GROUP BY e.contract, e.order_id
     ), state AS (
-        SELECT o.*, l.filled, l.fill_count, l.updated_block, l.updated_at,
-               CASE WHEN l.filled >= o.quantity THEN 'filled'
-                    WHEN l.cancelled OR o.order_type = 0 THEN 'cancelled'  -- a market order never rests
-                    WHEN l.filled > 0 THEN 'partially_filled'
-                    ELSE 'open' END AS status
-        FROM opens o JOIN later l ON l.contract = o.contract AND l.order_id = o.order_id
+        SELECT a.*, CASE WHEN a.filled >= a.quantity THEN 'filled'
+                         WHEN a.cancelled OR a.order_type = 0 THEN 'cancelled'  -- a market order never rests
+                         WHEN a.filled > 0 THEN 'partially_filled'
+                         ELSE 'open' END AS status
+        FROM agg a WHERE a.market_id IS NOT NULL
     )
     INSERT INTO orders (market_id, chain_id, contract, order_id, trader, side, order_type, price, quantity, filled,
                         remaining, status, fill_count, created_block, created_log, updated_block, created_at,
                         updated_at)
-    SELECT market_id, chain_id, contract, order_id, trader, side, order_type, price, quantity, filled,
+    SELECT market_id, :c, contract, order_id, trader, side, order_type, price, quantity, filled,
            CASE WHEN status IN ('open', 'partially_filled') THEN quantity - filled ELSE 0 END,
-           status, fill_count, block_number, log_index, updated_block, block_time, updated_at
+           status, fill_count, created_block, created_log, updated_block, created_at, updated_at
     FROM state
     ON CONFLICT (market_id, chain_id, contract, order_id) DO UPDATE SET
         filled = EXCLUDED.filled, remaining = EXCLUDED.remaining, status = EXCLUDED.status,
