@@ -46,7 +46,8 @@ bench: setup
 	redis_url="$$(bash scripts/ensure_redis.sh | tail -n 1)"; \
 	export DATABASE_URL="$$db_url" REDIS_URL="$$redis_url" OBP_ANVIL="$(ANVIL)"; \
 	$(VENV)/bin/python -m bench.backfill $(BENCH_ARGS); \
-	$(VENV)/bin/python -m bench.live $(BENCH_LIVE_ARGS)
+	$(VENV)/bin/python -m bench.live $(BENCH_LIVE_ARGS); \
+	$(VENV)/bin/python -m bench.scale_markets
 
 run:
 	@bash scripts/run.sh

@@ -7,10 +7,7 @@ import contextlib
 import json
 import os
 import resource
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -23,13 +20,12 @@ import yaml
 from eth_utils import keccak
 from sqlalchemy.engine import make_url
 from web3 import Web3
-from web3.providers.rpc import HTTPProvider
 
 from orderbook_pipelines.config import PROJECT_ROOT, ProjectConfig, load_config
-from orderbook_pipelines.devchain.deploy import artifact, wait_for_chain
+from orderbook_pipelines.devchain.anvil import Anvil as DevAnvil
+from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.storage.db import drop_database, ensure_database, migrate, sqlalchemy_url
 
-ANVIL = os.environ.get("OBP_ANVIL") or str(PROJECT_ROOT / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
 PG_SERVER = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CHAIN_ID = 31337
@@ -94,41 +90,11 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 # -- services ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Anvil(DevAnvil):
+    """The dev chain with a block gas limit for event floods and a long RPC timeout for huge log answers."""
 
-
-class Anvil:
     def __init__(self, gas_limit: int = 2_000_000_000, extra: list[str] | None = None) -> None:
-        if not (Path(ANVIL).exists() or shutil.which(ANVIL)):
-            raise RuntimeError(f"anvil not found at {ANVIL}: run `make setup`")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [ANVIL, "--port", str(self.port), "--silent", "--accounts", "4", "--gas-limit", str(gas_limit),
-             "--chain-id", str(CHAIN_ID), *(extra or [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.w3 = wait_for_chain(self.url, timeout_s=30)
-        self.w3 = Web3(HTTPProvider(self.url, request_kwargs={"timeout": 600}))
-
-    def rpc(self, method: str, *params: object) -> Any:
-        resp = self.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
-        if resp.get("error"):
-            raise RuntimeError(f"{method}: {resp['error']}")
-        return resp.get("result")
-
-    def mine(self, n: int = 1) -> None:
-        self.rpc("anvil_mine", hex(n))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__init__(accounts=4, gas_limit=gas_limit, chain_id=CHAIN_ID, extra=extra, rpc_timeout_s=600)
 
 
 @contextlib.contextmanager

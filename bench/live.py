@@ -53,7 +53,6 @@ from bench.common import (
     anvil,
     bench_config,
     bench_database,
-    free_port,
     log,
     market_mid,
     market_name,
@@ -63,6 +62,7 @@ from bench.common import (
     rss_bytes,
 )
 from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.devchain.anvil import free_port
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.db import engine_for, libpq_url
 from orderbook_pipelines.storage.writer import _EVENT_COLUMNS

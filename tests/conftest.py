@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,48 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from orderbook_pipelines.config import PROJECT_ROOT, ProjectConfig, load_config
-from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, wait_for_chain, write_config
+from orderbook_pipelines.config import ProjectConfig, load_config
+from orderbook_pipelines.devchain.anvil import Anvil
+from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, write_config
 from orderbook_pipelines.storage.db import drop_database, ensure_database, migrate, sqlalchemy_url
 
-ANVIL = os.environ.get("OBP_ANVIL") or str(PROJECT_ROOT / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
 PG_SERVER = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Anvil:
-    def __init__(self) -> None:
-        if not (Path(ANVIL).exists() or shutil.which(ANVIL)):
-            raise RuntimeError(f"anvil not found at {ANVIL}: run `make setup` (installs it from npm)")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [ANVIL, "--port", str(self.port), "--silent", "--accounts", "20", "--gas-limit", "100000000",
-             "--chain-id", "31337"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self.w3 = wait_for_chain(self.url, timeout_s=30)
-
-    def rpc(self, method: str, *params: object) -> object:
-        resp = self.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
-        if resp.get("error"):
-            raise RuntimeError(f"{method}: {resp['error']}")
-        return resp.get("result")
-
-    def mine(self, n: int = 1) -> None:
-        self.rpc("anvil_mine", hex(n))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="session")
