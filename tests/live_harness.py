@@ -13,10 +13,11 @@ from typing import Any
 import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
+from orderbook_pipelines.devchain.anvil import free_port
 from orderbook_pipelines.live.hub import Limits
 from orderbook_pipelines.live.service import LiveService, ServiceOptions, server_settings
 from orderbook_pipelines.storage.db import engine_for
-from tests.conftest import DevChain, free_port
+from tests.conftest import DevChain
 
 
 @contextmanager
