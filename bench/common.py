@@ -4,6 +4,7 @@ the bench configuration, and the output format (one JSON line per figure plus a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import resource
@@ -23,7 +24,7 @@ from web3 import Web3
 
 from orderbook_pipelines.config import PROJECT_ROOT, ProjectConfig, load_config
 from orderbook_pipelines.devchain.anvil import Anvil as DevAnvil
-from orderbook_pipelines.devchain.deploy import artifact
+from orderbook_pipelines.devchain.deploy import GEN1_ROUTER_EVENTS, artifact
 from orderbook_pipelines.storage.db import drop_database, ensure_database, migrate, sqlalchemy_url
 
 PG_SERVER = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -175,17 +176,7 @@ def bench_config(spammer_address: str, start_block: int, markets: int, path: Pat
             "name": "gen1_router",
             "abi": str(PROJECT_ROOT / "contracts/artifacts/OrderRouter.json"),
             "addresses": [spammer_address],
-            "events": {
-                "OrderPlaced": {"kind": "open", "market": "metric_hash:metricId",
-                                "fields": {"order_id": "orderId", "trader": "trader", "side": "side",
-                                           "order_type": "orderType", "quantity": "quantity", "price": "price"}},
-                "OrderExecuted": {"kind": "fill", "market": "tx",
-                                  "fields": {"order_id": "orderId", "trader": "trader",
-                                             "quantity": "executedQuantity", "price": "executedPrice"}},
-                "OrderCancelled": {"kind": "cancel", "market": "tx",
-                                   "fields": {"order_id": "orderId", "trader": "trader",
-                                              "quantity": "remainingQuantity"}},
-            },
+            "events": copy.deepcopy(GEN1_ROUTER_EVENTS),
         }],
         "markets": [{"metric_id": market_name(i), "source": "gen1_router", "decimals": 18} for i in range(markets)],
     }

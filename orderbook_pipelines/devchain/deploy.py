@@ -6,6 +6,7 @@ reference contracts is known to the indexer except through it.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,20 @@ def deploy(rpc_url: str, gen1_markets: list[str], gen2_markets: list[str]) -> De
     return dep
 
 
+# How the generation-1 router's events map onto canonical kinds (its events carry no market address: the
+# metric hash names the market of OrderPlaced; fills and cancels take the market of their transaction).
+GEN1_ROUTER_EVENTS: dict[str, Any] = {
+    "OrderPlaced": {"kind": "open", "market": "metric_hash:metricId",
+                    "fields": {"order_id": "orderId", "trader": "trader", "side": "side", "order_type": "orderType",
+                               "quantity": "quantity", "price": "price"}},
+    "OrderExecuted": {"kind": "fill", "market": "tx",
+                      "fields": {"order_id": "orderId", "trader": "trader", "quantity": "executedQuantity",
+                                 "price": "executedPrice"}},
+    "OrderCancelled": {"kind": "cancel", "market": "tx",
+                       "fields": {"order_id": "orderId", "trader": "trader", "quantity": "remainingQuantity"}},
+}
+
+
 def project_config(dep: Deployment, confirmations: int = 2, range_size: int = 100) -> dict[str, Any]:
     """The indexer configuration for a deployment: generation 1 and 2 mapped onto canonical kinds."""
     art = "contracts/artifacts"
@@ -101,18 +116,7 @@ def project_config(dep: Deployment, confirmations: int = 2, range_size: int = 10
                 "name": "gen1_router",
                 "abi": f"{art}/OrderRouter.json",
                 "addresses": [dep.router],
-                "events": {
-                    "OrderPlaced": {"kind": "open", "market": "metric_hash:metricId",
-                                    "fields": {"order_id": "orderId", "trader": "trader", "side": "side",
-                                               "order_type": "orderType", "quantity": "quantity",
-                                               "price": "price"}},
-                    "OrderExecuted": {"kind": "fill", "market": "tx",
-                                      "fields": {"order_id": "orderId", "trader": "trader",
-                                                 "quantity": "executedQuantity", "price": "executedPrice"}},
-                    "OrderCancelled": {"kind": "cancel", "market": "tx",
-                                       "fields": {"order_id": "orderId", "trader": "trader",
-                                                  "quantity": "remainingQuantity"}},
-                },
+                "events": copy.deepcopy(GEN1_ROUTER_EVENTS),
             },
             {
                 "name": "gen1_book",
