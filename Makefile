@@ -39,7 +39,7 @@ test: setup
 	echo "[test] ruff check ."; \
 	$(VENV)/bin/ruff check .; \
 	echo "[test] pytest -q $(PYTEST_ARGS)"; \
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	bash scripts/pytest_summary.sh -q $(PYTEST_ARGS)
 
 bench: setup
 	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \
