@@ -8,6 +8,7 @@ caller stores it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +74,15 @@ class EventSpec:
     data: tuple[_Param, ...]
     mapping: EventMapping
     data_static: bool = field(init=False)
+    indexed_conv: tuple[tuple[str, Callable[[bytes], Any] | None], ...] = field(init=False)
+    data_conv: tuple[tuple[str, Callable[[bytes], Any]], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_static", all(p.is_static_word for p in self.data))
+        object.__setattr__(self, "indexed_conv", tuple(
+            (p.name, _converter(p.type) if p.is_static_word else None) for p in self.indexed))
+        object.__setattr__(self, "data_conv", tuple((p.name, _converter(p.type)) for p in self.data)
+                           if self.data_static else ())
 
 
 def _canonical_type(inp: dict) -> str:
@@ -92,6 +99,32 @@ def event_signature(abi_event: dict) -> str:
 
 def event_topic(abi_event: dict) -> str:
     return "0x" + keccak(text=event_signature(abi_event)).hex()
+
+
+def _converter(typ: str) -> Callable[[bytes], Any]:
+    """The strict 32-byte-word decoder of one static type, resolved once per ABI parameter, not per log."""
+    if typ.startswith("uint"):
+        limit = 1 << int(typ[4:] or 256)
+
+        def uint(word: bytes) -> int:
+            v = int.from_bytes(word, "big")
+            if v >= limit:
+                raise ValueError(f"{typ} out of range: {v}")
+            return v
+
+        return uint
+    if typ == "address":
+
+        def address(word: bytes) -> str:
+            if word[:12] != _ZERO12:
+                raise ValueError("address word has non-zero padding")
+            return "0x" + word[12:].hex()
+
+        return address
+    return lambda word: _word_value(typ, word)
+
+
+_ZERO12 = bytes(12)
 
 
 def _word_value(typ: str, word: bytes) -> Any:
@@ -199,20 +232,20 @@ class Decoder:
         if len(topics) != 1 + len(spec.indexed):
             raise ValueError(f"expected {1 + len(spec.indexed)} topics, got {len(topics)}")
         args: dict[str, Any] = {}
-        for param, topic in zip(spec.indexed, topics[1:], strict=True):
+        for (name, conv), topic in zip(spec.indexed_conv, topics[1:], strict=True):
             word = bytes.fromhex(topic[2:])
             if len(word) != _WORD:
-                raise ValueError(f"topic for {param.name} is not 32 bytes")
+                raise ValueError(f"topic for {name} is not 32 bytes")
             # Indexed dynamic values (string, bytes, arrays) are stored as their keccak hash.
-            args[param.name] = _word_value(param.type, word) if param.is_static_word else "0x" + word.hex()
+            args[name] = conv(word) if conv is not None else topic
         if not data_hex.startswith("0x"):
             raise ValueError("data is not 0x-prefixed hex")
         data = bytes.fromhex(data_hex[2:])
         if spec.data_static:
-            if len(data) != _WORD * len(spec.data):
-                raise ValueError(f"data is {len(data)} bytes, expected {_WORD * len(spec.data)}")
-            for i, param in enumerate(spec.data):
-                args[param.name] = _word_value(param.type, data[i * _WORD : (i + 1) * _WORD])
+            if len(data) != _WORD * len(spec.data_conv):
+                raise ValueError(f"data is {len(data)} bytes, expected {_WORD * len(spec.data_conv)}")
+            for i, (name, conv) in enumerate(spec.data_conv):
+                args[name] = conv(data[i * _WORD : (i + 1) * _WORD])
         else:
             values = abi_decode([p.type for p in spec.data], data, strict=True)
             for param, value in zip(spec.data, values, strict=True):

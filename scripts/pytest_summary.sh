@@ -9,5 +9,5 @@ rc=${PIPESTATUS[0]}
 line="$(grep -E '^=*[ ]*[0-9]+ (passed|failed|skipped|error)' "$out" | tail -n 1)"
 count() { grep -oE "[0-9]+ $1" <<<"$line" | grep -oE '^[0-9]+' || echo 0; }
 failed=$(( $(count failed) + $(count error) ))
-echo "tests: $(count passed) passed, $failed failed, $(count skipped) skipped"
+printf "\ntests: %s passed, %s failed, %s skipped\n" "$(count passed)" "$failed" "$(count skipped)"
 exit "$rc"
