@@ -39,7 +39,6 @@ from orderbook_pipelines.replay import (
 )
 
 CHECKSUM_DEPTH = 25
-LIMIT = 1
 
 
 class SnapshotSettings(BaseSettings):
@@ -130,16 +129,11 @@ def snapshot_of(mr: MarketReplay, market_id: int, market: str, block: int, block
 
 
 def replay_from_orders(orders: Iterable[SnapshotOrder]) -> MarketReplay:
-    """Rebuild a market's book from resting orders: an open of the original quantity, then its filled part."""
+    """Rebuild a market's book from resting orders (bulk load: the same state as an open then a fill each)."""
     mr = MarketReplay(strict=False)
-    for i, o in enumerate(orders):
-        common = dict(block_number=0, log_index=2 * i, block_hash="", tx_hash="", market="", market_id=0,
-                      contract=o.contract, order_id=o.order_id)
-        mr.apply(CanonicalEvent(kind="open", trader=o.trader, side=o.side, order_type=LIMIT, price=o.price,
-                                quantity=o.quantity, **common))  # type: ignore[arg-type]
-        if o.filled:
-            mr.apply(CanonicalEvent(kind="fill", quantity=o.filled, **common))  # type: ignore[arg-type]
-    mr.end_block(0)
+    orders = list(orders)
+    mr.book.load_resting((f"{o.contract}:{o.order_id}", o.side, o.price, o.quantity, o.filled) for o in orders)
+    mr.traders.update({f"{o.contract}:{o.order_id}": (o.contract, o.order_id, o.trader) for o in orders})
     return mr
 
 

@@ -309,3 +309,32 @@ def test_state_hash_deterministic_and_sensitive_to_one_more_fill(events, data):
     q = data.draw(st.integers(min_value=1, max_value=live[oid][2]))
     b.apply(fill(oid, q))
     assert a.state_hash() != b.state_hash()
+
+
+@given(st.lists(st.tuples(st.sampled_from([BUY, SELL]), st.integers(1, 30), st.integers(2, 50),
+                          st.integers(0, 49)), max_size=60))
+def test_bulk_load_of_resting_orders_equals_replaying_open_then_fill(rows: list[tuple[int, int, int, int]]) -> None:
+    resting = [(f"o{i}", side, price, qty, min(filled, qty - 1)) for i, (side, price, qty, filled) in enumerate(rows)]
+    replayed = Book()
+    for key, side, price, qty, filled in resting:
+        replayed.apply(BookEvent("open", key, side, 1, price, qty))
+        if filled:
+            replayed.apply(BookEvent("fill", key, quantity=filled))
+    replayed.end_block()
+    loaded = Book()
+    loaded.load_resting(resting)
+    assert loaded.state_hash() == replayed.state_hash()
+    assert {k: loaded.resting(k) for k, *_ in resting} == {k: replayed.resting(k) for k, *_ in resting}
+    for side in (BUY, SELL):
+        assert loaded.levels(side, 100) == replayed.levels(side, 100)
+
+
+@pytest.mark.parametrize("row", [("a", 2, 10, 5, 0), ("a", BUY, 0, 5, 0), ("a", BUY, 10, 5, 5), ("a", SELL, 10, 5, -1)])
+def test_bulk_load_rejects_what_cannot_rest(row: tuple[str, int, int, int, int]) -> None:
+    with pytest.raises(InvalidEvent, match="not a resting limit order"):
+        Book().load_resting([row])
+
+
+def test_bulk_load_rejects_a_duplicate_key() -> None:
+    with pytest.raises(InvalidEvent, match="loaded twice"):
+        Book().load_resting([("a", BUY, 10, 5, 0), ("a", SELL, 11, 5, 0)])
