@@ -155,7 +155,7 @@ def load_orders(conn: Connection, market_id: int, block: int) -> list[SnapshotOr
         "SELECT contract, order_id, trader, side, price::text, quantity::text, filled::text FROM snapshot_orders "
         "WHERE market_id = %(m)s AND block_number = %(b)s ORDER BY contract, order_id",
         {"m": market_id, "b": block},
-    ).tuples()
+    )
     return [SnapshotOrder(c, o, t, side, int(p), int(q), int(f)) for c, o, t, side, p, q, f in rows]
 
 
