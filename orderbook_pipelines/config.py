@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import keccak
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -272,17 +271,3 @@ def load_config(path: Path | str | None = None, env: EnvSettings | None = None) 
         if isinstance(chain, dict):  # anything else is reported by validation below
             raw["chain"] = {**chain, "rpc_url": env.rpc_url}
     return parse_config(raw, str(path), path.parent)
-
-
-def checksum(address: str) -> str:
-    if not is_address(address):
-        raise ValueError(f"not an address: {address!r}")
-    return to_checksum_address(address)
-
-
-def database_url() -> str:
-    """SQLAlchemy URL with the psycopg 3 driver made explicit (bare postgresql:// would pick psycopg2)."""
-    url = os.environ.get("DATABASE_URL") or EnvSettings().database_url
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url

@@ -63,10 +63,6 @@ class NotIngested(LookupError):
     """The requested block is beyond what is contiguously ingested: a book there would silently miss events."""
 
 
-class SnapshotCorrupt(ValueError):
-    """A stored snapshot does not rebuild to its own state hash."""
-
-
 @dataclass(frozen=True, slots=True)
 class SnapshotOrder:
     contract: str

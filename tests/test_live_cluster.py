@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import redis
+from prometheus_client import REGISTRY
 
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.live.cluster import owner_of
@@ -80,6 +81,7 @@ def test_two_workers_and_an_api_process_serve_identical_gap_free_streams(
             w1_stack.close()  # worker 1 stops: its markets move to worker 2
             w1_stack_closed = True
             _wait(lambda: w2.follower.owned == ids, "worker 2 adopted every market")
+            reorgs_before = REGISTRY.get_sample_value("obp_live_reorgs_total") or 0.0
             snap = anvil.rpc("evm_snapshot")
             Simulator(anvil.w3, chain.dep, seed=4).run_batches(60, per_block=15)
             wait_until_current(w2, chain)
@@ -88,6 +90,7 @@ def test_two_workers_and_an_api_process_serve_identical_gap_free_streams(
             settle()
 
             assert owned_by_w1 and w2.node is not None
+            assert (REGISTRY.get_sample_value("obp_live_reorgs_total") or 0.0) > reorgs_before  # counted by workers
             assert api.ready() == (True, "serving from redis") and api.follower.books.head is None  # follows nothing
             for a, b in zip(on_api, on_w2, strict=True):
                 assert a.levels() == b.levels() == contract_levels(chain, a.market, 50), a.market

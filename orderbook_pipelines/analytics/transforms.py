@@ -34,11 +34,6 @@ class MarketRow:
         return self.metric_id or f"market {self.market_id}"
 
 
-def market_keys(conn: Connection) -> list[MarketRow]:
-    rows = conn.execute(text("SELECT market_id, metric_id, decimals, status FROM markets ORDER BY market_id"))
-    return [MarketRow(r.market_id, r.metric_id, r.decimals, r.status) for r in rows]
-
-
 def market(conn: Connection, market_id: int) -> MarketRow:
     r = conn.execute(text("SELECT market_id, metric_id, decimals, status FROM markets WHERE market_id = :m"),
                      {"m": market_id}).one_or_none()

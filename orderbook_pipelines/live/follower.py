@@ -22,6 +22,7 @@ from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.decoding import DecodedLog, Decoder
 from orderbook_pipelines.ingest import log_addresses
+from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.coldstart import books_at, final_height, order_key
 from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, MarketView
 from orderbook_pipelines.normalize import MarketRegistry, OrderEventRow, normalize
@@ -127,7 +128,6 @@ class Follower:
         for n in sorted(by_block):
             rows = self._rows(by_block[n])
             self.books.apply_block(_ref(headers[n]), self._events(rows, self.owned), final=True)
-            self.books.head = _ref(headers[n])
         self.books.head = _ref(headers[safe])
 
     # -- follow ---------------------------------------------------------------------------------------------
@@ -230,6 +230,8 @@ class Follower:
             return
         self.stats.reorgs += 1
         self.stats.max_reorg_depth = max(self.stats.max_reorg_depth, depth)
+        metrics.REORGS.inc()
+        metrics.REORG_DEPTH.observe(depth)
         log.warning("reorg: rolled back %d block(s) to %d", depth, k)
         self.on_update(Update("reorg", [self.books.view(m) for m in sorted(touched)], reverted_from=k + 1))
 

@@ -50,8 +50,6 @@ def _levels_json(levels: Levels) -> list[list[str]]:
 class Conn:
     """One WebSocket connection's outgoing side: a bounded queue drained by a sender task."""
 
-    CLOSE = "\x00close"
-
     def __init__(self, hub: Hub, client: str, limits: Limits):
         self.hub = hub
         self.client = client
@@ -185,7 +183,6 @@ class Hub:
         self.trade_subs: dict[int, set[Conn]] = defaultdict(set)
         self.order_subs: dict[str, set[Conn]] = defaultdict(set)
         self.connections: dict[str, int] = defaultdict(int)
-        self.last_update_at = 0.0
         self.publish_latency: deque[float] = deque(maxlen=10_000)
 
     # -- registry / control ---------------------------------------------------------------------------------
@@ -211,7 +208,6 @@ class Hub:
 
     # -- updates from the follower --------------------------------------------------------------------------
     def on_update(self, update: Update) -> None:
-        self.last_update_at = time.monotonic()
         for v in update.views:
             self.views[v.market_id] = v
         touched = {v.market_id for v in update.views}
@@ -232,9 +228,10 @@ class Hub:
         self._publish_rows(update)
 
     def _flush(self, ch: BookChannel) -> None:
-        if self.is_paused(ch.market_id) or not ch.subscribers:
-            if not ch.subscribers:
-                ch.load(self.views.get(ch.market_id))
+        if not ch.subscribers:  # nobody to tell: keep the channel at the current view
+            ch.load(self.views.get(ch.market_id))
+            return
+        if self.is_paused(ch.market_id):
             return
         text = ch.flush()
         if text is None:

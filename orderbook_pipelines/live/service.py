@@ -84,7 +84,6 @@ class LiveService:
                                  self.options.poll_s)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
-        self.started_at = time.monotonic()
         self.first_book_s: float | None = None
         self.probe = ChainClient(c.rpc_url, c.rpc_timeout_s, 0, c.max_logs_range)  # independent view of the head
         self.probed_head = -1
@@ -110,8 +109,6 @@ class LiveService:
                 log.exception("redis write-through failed")
         metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
         metrics.CHAIN_HEAD.set(self.follower.stats.head_seen)
-        if update.reason == "reorg":
-            metrics.REORGS.inc()
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._on_loop, update)
 
@@ -193,6 +190,9 @@ class LiveService:
                        "markets": sorted(self.hub.names.get(m, str(m)) for m in self.hub.paused)},
             "redis": self.redis is not None,
             "head_subscription": bool(self.heads and self.heads.connected),
+            "cluster": None if self.node is None else {
+                "worker": self.node.cluster.worker_id, "owned_markets": len(self.follower.owned or ()),
+                "fenced_publishes": self.node.fenced},
         }
 
     def ready(self) -> tuple[bool, str]:

@@ -35,7 +35,7 @@ def engine_for(url: str) -> Engine:
 
 def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply pending migrations; returns the ids applied. Safe to call on every start (locked, idempotent)."""
-    backend = get_backend(sqlalchemy_url(url).replace("postgresql+psycopg://", "postgresql+psycopg://", 1))
+    backend = get_backend(sqlalchemy_url(url))  # yoyo knows the postgresql+psycopg scheme
     migrations = read_migrations(str(sql_dir))
     with backend.lock():
         pending = backend.to_apply(migrations)
