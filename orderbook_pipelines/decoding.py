@@ -75,14 +75,15 @@ class EventSpec:
     mapping: EventMapping
     data_static: bool = field(init=False)
     indexed_conv: tuple[tuple[str, Callable[[bytes], Any] | None], ...] = field(init=False)
-    data_conv: tuple[tuple[str, Callable[[bytes], Any]], ...] = field(init=False)
+    data_conv: tuple[tuple[str, Callable[[bytes], Any], int, int], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_static", all(p.is_static_word for p in self.data))
         object.__setattr__(self, "indexed_conv", tuple(
             (p.name, _converter(p.type) if p.is_static_word else None) for p in self.indexed))
-        object.__setattr__(self, "data_conv", tuple((p.name, _converter(p.type)) for p in self.data)
-                           if self.data_static else ())
+        object.__setattr__(self, "data_conv", tuple(
+            (p.name, _converter(p.type), i * _WORD, (i + 1) * _WORD) for i, p in enumerate(self.data))
+            if self.data_static else ())
 
 
 def _canonical_type(inp: dict) -> str:
@@ -104,7 +105,10 @@ def event_topic(abi_event: dict) -> str:
 def _converter(typ: str) -> Callable[[bytes], Any]:
     """The strict 32-byte-word decoder of one static type, resolved once per ABI parameter, not per log."""
     if typ.startswith("uint"):
-        limit = 1 << int(typ[4:] or 256)
+        bits = int(typ[4:] or 256)
+        if bits == 256:
+            return int.from_bytes  # big-endian by default; 32 bytes always fit (no Python frame per word)
+        limit = 1 << bits
 
         def uint(word: bytes) -> int:
             v = int.from_bytes(word, "big")
@@ -173,13 +177,14 @@ def _hex_int(v: str | int) -> int:
 
 
 def log_position(log: dict) -> LogPosition:
+    bn, ti, li = log["blockNumber"], log["transactionIndex"], log["logIndex"]
     return LogPosition(
-        block_number=_hex_int(log["blockNumber"]),
-        block_hash=log["blockHash"].lower(),
-        tx_hash=log["transactionHash"].lower(),
-        tx_index=_hex_int(log["transactionIndex"]),
-        log_index=_hex_int(log["logIndex"]),
-        address=log["address"].lower(),
+        bn if bn.__class__ is int else int(bn, 16),
+        log["blockHash"].lower(),
+        log["transactionHash"].lower(),
+        ti if ti.__class__ is int else int(ti, 16),
+        li if li.__class__ is int else int(li, 16),
+        log["address"].lower(),
     )
 
 
@@ -208,27 +213,28 @@ class Decoder:
     def decode(self, log: dict) -> DecodedLog | Rejected:
         try:
             pos = log_position(log)
+            topics = log.get("topics") or ()
+            topic0 = topics[0].lower() if topics else None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return Rejected(_unknown_pos(log), tuple(log.get("topics") or ()), str(log.get("data", "")),
                             f"malformed log envelope: {exc!r}")
-        topics = tuple(t.lower() for t in log.get("topics") or ())
-        data_hex = str(log.get("data") or "0x")
+        data_hex = log.get("data") or "0x"
         source = self.address_sources.get(pos.address)
         if source is None:
-            return Rejected(pos, topics, data_hex, f"log from unregistered contract {pos.address}")
-        if not topics:
-            return Rejected(pos, topics, data_hex, "anonymous log (no topic0) is not in any configured ABI")
-        spec = self.specs.get((source, topics[0]))
+            return _rejected(pos, topics, data_hex, f"log from unregistered contract {pos.address}")
+        if topic0 is None:
+            return _rejected(pos, topics, data_hex, "anonymous log (no topic0) is not in any configured ABI")
+        spec = self.specs.get((source, topic0))
         if spec is None:
-            return Rejected(pos, topics, data_hex, f"unknown event topic0 {topics[0]} for source {source}")
+            return _rejected(pos, topics, data_hex, f"unknown event topic0 {topic0} for source {source}")
         try:
             args = self._decode_args(spec, topics, data_hex)
-        except (ValueError, DecodingError, OverflowError) as exc:
-            return Rejected(pos, topics, data_hex, f"malformed {spec.signature}: {exc}")
+        except (ValueError, DecodingError, OverflowError, TypeError, AttributeError) as exc:
+            return _rejected(pos, topics, data_hex, f"malformed {spec.signature}: {exc}")
         return DecodedLog(pos, spec.source, spec.name, args, spec.mapping)
 
     @staticmethod
-    def _decode_args(spec: EventSpec, topics: tuple[str, ...], data_hex: str) -> dict[str, Any]:
+    def _decode_args(spec: EventSpec, topics: list[str] | tuple[str, ...], data_hex: str) -> dict[str, Any]:
         if len(topics) != 1 + len(spec.indexed):
             raise ValueError(f"expected {1 + len(spec.indexed)} topics, got {len(topics)}")
         args: dict[str, Any] = {}
@@ -237,20 +243,25 @@ class Decoder:
             if len(word) != _WORD:
                 raise ValueError(f"topic for {name} is not 32 bytes")
             # Indexed dynamic values (string, bytes, arrays) are stored as their keccak hash.
-            args[name] = conv(word) if conv is not None else topic
+            args[name] = conv(word) if conv is not None else topic.lower()
         if not data_hex.startswith("0x"):
             raise ValueError("data is not 0x-prefixed hex")
         data = bytes.fromhex(data_hex[2:])
         if spec.data_static:
             if len(data) != _WORD * len(spec.data_conv):
                 raise ValueError(f"data is {len(data)} bytes, expected {_WORD * len(spec.data_conv)}")
-            for i, (name, conv) in enumerate(spec.data_conv):
-                args[name] = conv(data[i * _WORD : (i + 1) * _WORD])
+            for name, conv, lo, hi in spec.data_conv:
+                args[name] = conv(data[lo:hi])
         else:
             values = abi_decode([p.type for p in spec.data], data, strict=True)
             for param, value in zip(spec.data, values, strict=True):
                 args[param.name] = _jsonable(value)
         return args
+
+
+def _rejected(pos: LogPosition, topics: Any, data: Any, reason: str) -> Rejected:
+    """Topics and data kept as given (lowercased hex), so the stored rejection shows what the node sent."""
+    return Rejected(pos, tuple(str(t).lower() for t in topics), str(data), reason)
 
 
 def _check_mapping(spec: EventSpec) -> None:

@@ -72,61 +72,72 @@ def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
     return out
 
 
+_ID_FIELDS = ("order_id", "trader", "counterparty", "buy_order_id", "sell_order_id", "buyer", "seller")
+_VALUE_FIELDS = ("side", "order_type", "price", "quantity")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One event mapping resolved once per `normalize` call: argument names per canonical field, market rule."""
+
+    kind: str
+    is_open: bool
+    rule: str  # "emitter" | "metric_hash" | "tx" | other
+    market_arg: str | None
+    ids: tuple[str | None, ...]  # argument per _ID_FIELDS entry
+    values: tuple[str | None, ...]  # argument per _VALUE_FIELDS entry
+
+
+def _plan(d: DecodedLog) -> _Plan:
+    f = d.mapping.fields
+    rule = d.mapping.market
+    kind, arg = (("metric_hash", rule.split(":", 1)[1]) if rule.startswith("metric_hash:") else (rule, None))
+    return _Plan(d.mapping.kind.value, d.mapping.kind == EventKind.OPEN, kind, arg,
+                 tuple(f.get(n) for n in _ID_FIELDS), tuple(f.get(n) for n in _VALUE_FIELDS))
+
+
+def _args_json(a: dict[str, Any]) -> str:
+    """Integers as decimal strings: uint256 does not fit a JSON number that every reader parses exactly."""
+    return orjson.dumps({k: (str(v) if v.__class__ is int else v) for k, v in a.items()},
+                        option=orjson.OPT_SORT_KEYS).decode()
+
+
 def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int) -> list[OrderEventRow]:
     rows: list[OrderEventRow] = []
-    by_tx: dict[str, list[OrderEventRow]] = defaultdict(list)
     needs_tx: list[OrderEventRow] = []
+    plans: dict[int, _Plan] = {}
+    by_address, by_hash = registry.by_address, registry.by_metric_hash
     for d in decoded:
-        f = d.mapping.fields
+        plan = plans.get(id(d.mapping))
+        if plan is None:
+            plan = plans[id(d.mapping)] = _plan(d)
         a = d.args
-
-        def get(name: str, f: dict[str, str] = f, a: dict[str, Any] = a) -> Any:
-            return a[f[name]] if name in f else None
-
-        rule = d.mapping.market
-        market_id: int | None
-        if rule == "emitter":
-            market_id = registry.by_address.get(d.pos.address)
-        elif rule.startswith("metric_hash:"):
-            market_id = registry.by_metric_hash.get(str(a[rule.split(":", 1)[1]]).lower())
+        pos = d.pos
+        if plan.rule == "emitter":
+            market_id = by_address.get(pos.address)
+        elif plan.rule == "metric_hash":
+            market_id = by_hash.get(str(a[plan.market_arg]).lower())
         else:
             market_id = None
-        price = get("price")
-        order_type = get("order_type")
-        if d.mapping.kind == EventKind.OPEN and order_type is None:
+        oid, trader, cp, buy_id, sell_id, buyer, seller = [None if n is None else _id_text(a[n]) for n in plan.ids]
+        side, order_type, price, quantity = [None if n is None else a[n] for n in plan.values]
+        if plan.is_open and order_type is None:
             order_type = ORDER_TYPE_MARKET if price == 0 else ORDER_TYPE_LIMIT
-        row = OrderEventRow(
-            chain_id=chain_id,
-            block_number=d.pos.block_number,
-            block_hash=d.pos.block_hash,
-            tx_hash=d.pos.tx_hash,
-            tx_index=d.pos.tx_index,
-            log_index=d.pos.log_index,
-            contract=d.pos.address,
-            market_id=market_id,
-            source=d.source,
-            event_name=d.event,
-            kind=d.mapping.kind.value,
-            order_id=_id_text(get("order_id")),
-            trader=_id_text(get("trader")),
-            counterparty=_id_text(get("counterparty")),
-            side=get("side"),
-            order_type=order_type,
-            price=price,
-            quantity=get("quantity"),
-            buy_order_id=_id_text(get("buy_order_id")),
-            sell_order_id=_id_text(get("sell_order_id")),
-            buyer=_id_text(get("buyer")),
-            seller=_id_text(get("seller")),
-            args=orjson.dumps({k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
-                               for k, v in a.items()}, option=orjson.OPT_SORT_KEYS).decode(),
-        )
+        row = OrderEventRow(chain_id, pos.block_number, pos.block_hash, pos.tx_hash, pos.tx_index, pos.log_index,
+                            pos.address, market_id, d.source, d.event, plan.kind, oid, trader, cp, side, order_type,
+                            price, quantity, buy_id, sell_id, buyer, seller, _args_json(a))
         rows.append(row)
-        by_tx[row.tx_hash].append(row)
-        if rule == "tx":
+        if plan.rule == "tx":
             needs_tx.append(row)
-    for row in needs_tx:
-        markets = {r.market_id for r in by_tx[row.tx_hash] if r.market_id is not None and r is not row}
-        if len(markets) == 1:
-            row.market_id = markets.pop()
+    if needs_tx:
+        # Markets named by the other logs of each transaction, computed once per transaction (a burst of
+        # thousands of fills in one transaction would otherwise rescan it per fill).
+        tx_markets: dict[str, set[int]] = defaultdict(set)
+        for r in rows:
+            if r.market_id is not None:
+                tx_markets[r.tx_hash].add(r.market_id)
+        for row in needs_tx:
+            markets = tx_markets.get(row.tx_hash)
+            if markets is not None and len(markets) == 1:
+                row.market_id = next(iter(markets))
     return rows

@@ -3,6 +3,7 @@ then checked against the contracts' own view functions and against logs decoded 
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -211,5 +212,83 @@ def test_ranges_ingested_concurrently_equal_the_sequential_state(simulated_chain
             assert sum(pool.map(work, ranges)) > 10_000
         for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL):
             assert _table(db, q) == _table(indexed, q)
+    finally:
+        drop_database(db)
+
+
+def test_a_racing_writer_of_the_same_range_loses_no_event_and_duplicates_none(simulated_chain: DevChain,
+                                                                               indexed: str) -> None:
+    """A range with nothing committed yet is COPYed straight into order_events. If another writer holds
+    uncommitted rows of that range, the COPY waits on the unique key, fails when the other commits, and the
+    range falls back to the staged ON CONFLICT path inside the same transaction: no error, no duplicate."""
+    import threading
+
+    from orderbook_pipelines.chain.rpc import ChainClient
+
+    db = new_database()
+    try:
+        cfg = simulated_chain.config
+        engine = engine_for(db)
+        a, b = _ranges(simulated_chain)[0]
+        cols = "chain_id, block_number, log_index, block_hash, block_time, tx_hash, tx_index, contract, source, " \
+               "event_name, kind, args"
+        with engine_for(indexed).connect() as src:
+            theirs = src.execute(text(f"SELECT {cols} FROM order_events WHERE block_number BETWEEN :a AND :b "
+                                      "ORDER BY block_number DESC, log_index DESC LIMIT 1"), {"a": a, "b": b}).one()
+            total = src.execute(text("SELECT count(*) FROM order_events WHERE block_number BETWEEN :a AND :b"),
+                                {"a": a, "b": b}).scalar_one()
+        with engine.begin() as conn:
+            conn.execute(text("SELECT ensure_order_events_partitions(:a, :b, :w)"),
+                         {"a": a, "b": b, "w": cfg.order_events_partition_blocks})
+        out: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                out["report"] = ingest_range(cfg, ChainClient(cfg.chain.rpc_url), engine, a, b)
+            except Exception as exc:  # surfaced by the assertion below
+                out["error"] = exc
+
+        with engine.begin() as other:  # the other writer: one event of the range, not committed yet
+            other.execute(text(f"INSERT INTO order_events ({cols}) VALUES "
+                               "(:chain_id, :block_number, :log_index, :block_hash, :block_time, :tx_hash, :tx_index, "
+                               ":contract, :source, :event_name, :kind, CAST(:args AS jsonb))"),
+                          {**theirs._asdict(), "args": __import__("json").dumps(theirs.args)})
+            t = threading.Thread(target=run)
+            t.start()
+            deadline = time.monotonic() + 60
+            with engine.connect() as probe:  # until the COPY waits on our uncommitted key
+                while not probe.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE 'COPY order_events%'")).scalar_one():
+                    assert time.monotonic() < deadline and t.is_alive(), f"the COPY never waited: {out}"
+                    probe.rollback()  # pg_stat_activity is a snapshot per transaction
+                    time.sleep(0.05)
+        t.join(60)
+        assert "error" not in out, out.get("error")
+        report = out["report"]
+        assert report.events == total > 100  # type: ignore[union-attr]
+        assert report.events_inserted == total - 1  # type: ignore[union-attr]
+        assert _table(db, "SELECT count(*), count(DISTINCT (block_number, log_index)) FROM order_events") == \
+            [(total, total)]
+        assert _table(db, f"SELECT order_id IS NULL FROM order_events WHERE block_number = {theirs.block_number} "
+                          f"AND log_index = {theirs.log_index}") == [(True,)]  # the other writer's row was kept
+    finally:
+        drop_database(db)
+
+
+def test_a_fresh_partition_has_statistics_before_the_projections_plan(simulated_chain: DevChain) -> None:
+    """Without statistics the orders projection plans a nested loop, quadratic in the range (README, Performance):
+    the ingesting transaction itself analyzes the partition it created, on the columns the projections use."""
+    from orderbook_pipelines.chain.rpc import ChainClient
+
+    db = new_database()
+    try:
+        cfg = simulated_chain.config
+        a, b = _ranges(simulated_chain)[0]
+        with engine_for(db).begin() as conn:  # still uncommitted: autovacuum cannot have analyzed anything
+            ingest_range(cfg, ChainClient(cfg.chain.rpc_url), engine_for(db), a, b, conn=conn)
+            cols = {r[0] for r in conn.execute(text(
+                "SELECT attname FROM pg_stats WHERE tablename LIKE 'order_events_b%'"))}
+        assert {"chain_id", "block_number", "kind", "contract", "order_id", "market_id"} <= cols
     finally:
         drop_database(db)
