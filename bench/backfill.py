@@ -2,13 +2,15 @@
 
 Ours: `ingest.ingest_range` + `ingest.project_range` (the path Dagster runs) over every block range of a chain
 carrying N events (default 1,000,000) in 1,000 markets, produced by the EventSpammer load generator with gen-1
-OrderRouter-shaped events (opens, partial fills, cancels). The indexer sees it through configuration only.
+OrderRouter-shaped events (opens, partial fills, cancels), `--workers` ranges in flight in as many processes
+(`orderbook ingest --workers`, or a Dagster backfill with concurrent runs). The indexer sees the chain through
+configuration only.
 
 Baseline (same run): the naive path on a ~20,000-event slice - web3 contract event decoding
 (`contract.events.X().process_log`) plus one INSERT (autocommit) per event, like a webhook handler.
 Ceiling (same run): raw COPY of exactly the rows we stored into a fresh `order_events`.
 
-    .venv/bin/python -m bench.backfill [--events 1000000] [--markets 1000]
+    .venv/bin/python -m bench.backfill [--events 1000000] [--markets 1000] [--workers 2]
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ from bench.common import (
     log,
     metric_hash,
 )
-from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.backfill import run_ranges
 from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.ingest import ingest_range, project_range
 from orderbook_pipelines.storage.db import engine_for, libpq_url
 from orderbook_pipelines.storage.writer import _EVENT_COLUMNS
 
@@ -63,36 +64,24 @@ def generate(chain: Anvil, spammer: Spammer, events: int, markets: int, opens: i
     return sent * per
 
 
-def analyze_partitions(engine, start: int, end: int, width: int) -> None:
-    """Workaround (see README, Performance): fresh statistics for the partitions a range wrote into."""
-    with engine.begin() as conn:
-        for lo in range(start // width * width, end + 1, width):
-            conn.exec_driver_sql(f"ANALYZE order_events_b{lo:012d}")
-
-
-def ours(config, db: str, start: int, end: int, range_size: int, analyze: bool = True) -> dict:
-    engine = engine_for(db)
-    chain = ChainClient(config.chain.rpc_url, 600, 2, config.chain.max_logs_range)
-    cid = config.chain.chain_id
+def ours(config, db: str, start: int, end: int, range_size: int, workers: int) -> dict:
+    """The path a Dagster backfill runs (ingest_range + project_range per range), `workers` ranges in flight."""
+    ranges = [(s, min(end, s + range_size - 1)) for s in range(start, end + 1, range_size)]
     t0 = time.perf_counter()
-    events = ingest_s = project_s = 0.0
+    events = 0
+    ingest_s = project_s = 0.0
     unresolved = 0
-    for s in range(start, end + 1, range_size):
-        e = min(end, s + range_size - 1)
-        t = time.perf_counter()
-        rep = ingest_range(config, chain, engine, s, e, run_id="bench")
-        if analyze:
-            analyze_partitions(engine, s, e, config.order_events_partition_blocks)
-        t2 = time.perf_counter()
-        project_range(engine, cid, s, e)
-        t3 = time.perf_counter()
-        ingest_s += t2 - t
-        project_s += t3 - t2
+    for out in run_ranges(config, db, ranges, workers, run_id="bench"):
+        rep = out.report
+        assert rep is not None, f"range {out.start}-{out.end} not final"
+        ingest_s += rep.seconds
+        project_s += out.project_seconds
         events += rep.events
         unresolved += rep.unresolved_market
-        log(f"  range {s}-{e}: {rep.events} events, ingest {t2 - t:.2f}s, project {t3 - t2:.2f}s")
+        log(f"  range {out.start}-{out.end}: {rep.events} events, ingest {rep.seconds:.2f}s, "
+            f"project {out.project_seconds:.2f}s")
     total = time.perf_counter() - t0
-    with engine.connect() as conn:
+    with engine_for(db).connect() as conn:
         counts = dict(conn.exec_driver_sql(
             "SELECT status, count(*) FROM orders GROUP BY status").all())
         stored = conn.exec_driver_sql("SELECT count(*) FROM order_events").scalar_one()
@@ -179,15 +168,11 @@ def main() -> None:
     ap.add_argument("--txs-per-block", type=int, default=20)
     ap.add_argument("--range-blocks", type=int, default=20, help="blocks per ingest_range call (a partition)")
     ap.add_argument("--naive-events", type=int, default=20_000)
-    ap.add_argument("--no-analyze", action="store_true",
-                    help="the path exactly as it is: no ANALYZE of fresh partitions before projecting")
-    ap.add_argument("--as-is-blocks", type=int, default=2,
-                    help="also time the first N blocks with no ANALYZE (planner without statistics); 0 skips")
+    ap.add_argument("--workers", type=int, default=2, help="ranges in flight, one process each (bench: 2 cores)")
     args = ap.parse_args()
     rep = Report("backfill")
     with anvil() as chain, tempfile.TemporaryDirectory() as tmp, bench_database("backfill") as db, \
-            bench_database("naive") as naive_db, bench_database("copy") as copy_db, \
-            bench_database("asis") as asis_db:
+            bench_database("naive") as naive_db, bench_database("copy") as copy_db:
         spammer = Spammer(chain)
         t = time.perf_counter()
         produced = generate(chain, spammer, args.events, args.markets, args.opens_per_tx, args.txs_per_block)
@@ -202,27 +187,17 @@ def main() -> None:
         log("naive baseline ...")
         nv = naive(chain, spammer.address, naive_db, spammer.start_block, slice_end, args.markets)
         log(f"naive: {nv['events']} events in {nv['seconds']:.1f}s")
-        asis = None
-        if args.as_is_blocks:
-            log(f"as-is (no statistics on the fresh partition): first {args.as_is_blocks} blocks ...")
-            asis = ours(config, asis_db, spammer.start_block, spammer.start_block + args.as_is_blocks,
-                        args.as_is_blocks + 1, analyze=False)
-        log("ours: ingest_range + project_range ...")
-        ob = ours(config, db, spammer.start_block, head, args.range_blocks, analyze=not args.no_analyze)
+        log(f"ours: ingest_range + project_range, {args.workers} worker(s) ...")
+        ob = ours(config, db, spammer.start_block, head, args.range_blocks, args.workers)
         log("ceiling: COPY ...")
         cl = ceiling(db, copy_db, spammer.start_block, head)
 
         params = {"events": ob["events"], "markets": ob["markets"], "blocks": head - spammer.start_block,
-                  "range_blocks": args.range_blocks}
+                  "range_blocks": args.range_blocks, "workers": args.workers}
         ours_eps = rep.figure("ours_events_per_s", ob["events"] / ob["seconds"], "events/s", **params,
                               seconds=round(ob["seconds"], 2))
-        rep.figure("ours_ingest_only_events_per_s", ob["events"] / ob["ingest_s"], "events/s", **params,
-                   seconds=round(ob["ingest_s"], 2))
-        rep.figure("ours_projection_seconds", ob["project_s"], "s", **params, analyze=not args.no_analyze)
-        if asis is not None:
-            rep.figure("as_is_no_stats_events_per_s", asis["events"] / asis["seconds"], "events/s",
-                       events=asis["events"], seconds=round(asis["seconds"], 2),
-                       project_seconds=round(asis["project_s"], 2))
+        rep.figure("ours_ingest_seconds_summed_over_workers", ob["ingest_s"], "s", **params)
+        rep.figure("ours_projection_seconds_summed_over_workers", ob["project_s"], "s", **params)
         naive_eps = rep.figure("naive_events_per_s", nv["events"] / nv["seconds"], "events/s",
                                events=nv["events"], seconds=round(nv["seconds"], 2))
         ceil_eps = rep.figure("copy_ceiling_events_per_s", cl["events"] / cl["seconds"], "events/s",

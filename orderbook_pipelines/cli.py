@@ -106,26 +106,26 @@ def wait_config(path: Path, timeout: float = typer.Option(120.0)) -> None:
 
 
 @app.command("ingest")
-def ingest(start: int = typer.Option(..., "--from", min=0), end: int = typer.Option(..., "--to", min=0)) -> None:
+def ingest(start: int = typer.Option(..., "--from", min=0), end: int = typer.Option(..., "--to", min=0),
+           workers: int = typer.Option(1, "--workers", min=1, max=64,
+                                       help="ranges in flight, one process each (a backfill: 2 per core)")) -> None:
     """Ingest and project [from, to] outside Dagster, range by range (same code path as the assets)."""
-    from orderbook_pipelines.chain.rpc import ChainClient
-    from orderbook_pipelines.ingest import ingest_range, project_range
+    from orderbook_pipelines.backfill import run_ranges
     from orderbook_pipelines.partitions import ranges_up_to
-    from orderbook_pipelines.storage.db import engine_for, migrate
+    from orderbook_pipelines.storage.db import migrate
 
     cfg = _config()
     env = EnvSettings()
     migrate(env.database_url)
-    engine = engine_for(env.database_url)
     c = cfg.chain
-    client = ChainClient(c.rpc_url, c.rpc_timeout_s, c.rpc_retries, c.max_logs_range)
-    for a, b in ranges_up_to(c.start_block, c.range_size, end):
-        if b < start:
-            continue
-        r = ingest_range(cfg, client, engine, a, b)
-        p = project_range(engine, c.chain_id, a, b)
-        typer.echo(f"{a}-{r.processed_to}: {r.events} events ({r.events_inserted} new), {r.rejected} rejected, "
-                   f"{p['orders']} orders changed")
+    ranges = [(a, b) for a, b in ranges_up_to(c.start_block, c.range_size, end) if b >= start]
+    for out in run_ranges(cfg, env.database_url, ranges, workers):
+        r = out.report
+        if r is None:
+            typer.echo(f"{out.start}-{out.end}: not final yet; stopping here")
+            break
+        typer.echo(f"{out.start}-{r.processed_to}: {r.events} events ({r.events_inserted} new), {r.rejected} "
+                   f"rejected, {out.projected['orders']} orders changed")
         if not r.complete:
             break
 
