@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import math
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -37,6 +38,9 @@ from bench.common import (
     events_per_burst,
     log,
     metric_hash,
+    own_cpu_s,
+    postgres_cpu_s,
+    process_cpu_s,
 )
 from orderbook_pipelines.backfill import run_ranges
 from orderbook_pipelines.devchain.deploy import artifact
@@ -64,9 +68,10 @@ def generate(chain: Anvil, spammer: Spammer, events: int, markets: int, opens: i
     return sent * per
 
 
-def ours(config, db: str, start: int, end: int, range_size: int, workers: int) -> dict:
+def ours(config, db: str, start: int, end: int, range_size: int, workers: int, anvil_pid: int) -> dict:
     """The path a Dagster backfill runs (ingest_range + project_range per range), `workers` ranges in flight."""
     ranges = [(s, min(end, s + range_size - 1)) for s in range(start, end + 1, range_size)]
+    cpu0 = (process_cpu_s(anvil_pid), postgres_cpu_s(), own_cpu_s())
     t0 = time.perf_counter()
     events = 0
     ingest_s = project_s = 0.0
@@ -80,14 +85,16 @@ def ours(config, db: str, start: int, end: int, range_size: int, workers: int) -
         unresolved += rep.unresolved_market
         log(f"  range {out.start}-{out.end}: {rep.events} events, ingest {rep.seconds:.2f}s, "
             f"project {out.project_seconds:.2f}s")
-    total = time.perf_counter() - t0
+    total = time.perf_counter() - t0  # the worker pool has exited: its processes' CPU is in own_cpu_s()
+    cpu = {k: b - a for k, a, b in zip(("node", "postgres", "indexer"), cpu0,
+                                        (process_cpu_s(anvil_pid), postgres_cpu_s(), own_cpu_s()), strict=True)}
     with engine_for(db).connect() as conn:
         counts = dict(conn.exec_driver_sql(
             "SELECT status, count(*) FROM orders GROUP BY status").all())
         stored = conn.exec_driver_sql("SELECT count(*) FROM order_events").scalar_one()
         nmk = conn.exec_driver_sql("SELECT count(DISTINCT market_id) FROM order_events").scalar_one()
     return {"events": int(events), "stored": stored, "seconds": total, "ingest_s": ingest_s, "project_s": project_s,
-            "unresolved": unresolved, "orders": counts, "markets": nmk}
+            "unresolved": unresolved, "orders": counts, "markets": nmk, "cpu": cpu}
 
 
 def naive(chain: Anvil, spammer_address: str, db: str, start: int, end: int, markets: int) -> dict:
@@ -188,7 +195,7 @@ def main() -> None:
         nv = naive(chain, spammer.address, naive_db, spammer.start_block, slice_end, args.markets)
         log(f"naive: {nv['events']} events in {nv['seconds']:.1f}s")
         log(f"ours: ingest_range + project_range, {args.workers} worker(s) ...")
-        ob = ours(config, db, spammer.start_block, head, args.range_blocks, args.workers)
+        ob = ours(config, db, spammer.start_block, head, args.range_blocks, args.workers, chain.proc.pid)
         log("ceiling: COPY ...")
         cl = ceiling(db, copy_db, spammer.start_block, head)
 
@@ -198,6 +205,13 @@ def main() -> None:
                               seconds=round(ob["seconds"], 2))
         rep.figure("ours_ingest_seconds_summed_over_workers", ob["ingest_s"], "s", **params)
         rep.figure("ours_projection_seconds_summed_over_workers", ob["project_s"], "s", **params)
+        # Where the time goes: CPU seconds per event of each process group during "ours". On a machine with
+        # `cores` cores no schedule beats events / (their sum / cores): the CPU-bound ceiling of this design.
+        for k, v in ob["cpu"].items():
+            rep.figure(f"ours_cpu_us_per_event_{k}", v / ob["events"] * 1e6, "us/event", **params)
+        cores = os.cpu_count() or 1
+        rep.figure("ours_cpu_bound_ceiling_events_per_s", ob["events"] / (sum(ob["cpu"].values()) / cores),
+                   "events/s", cores=cores)
         naive_eps = rep.figure("naive_events_per_s", nv["events"] / nv["seconds"], "events/s",
                                events=nv["events"], seconds=round(nv["seconds"], 2))
         ceil_eps = rep.figure("copy_ceiling_events_per_s", cl["events"] / cl["seconds"], "events/s",

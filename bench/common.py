@@ -82,6 +82,45 @@ def rss_bytes(pid: int | str = "self") -> int:
     raise RuntimeError("no VmRSS")
 
 
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int | str) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system) of one live process."""
+    f = _stat(pid)
+    return (int(f[11]) + int(f[12])) / _TCK
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds of the local Postgres server: every live server process plus the exited backends the postmaster
+    has reaped (its children's time), so connections that close during a measurement still count."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{d}/comm").read_text().strip() != "postgres":
+                continue
+            f = _stat(d)
+            total += (int(f[11]) + int(f[12])) / _TCK
+            ppid = f[1]
+            if Path(f"/proc/{ppid}/comm").read_text().strip() != "postgres":  # the postmaster
+                total += (int(f[13]) + int(f[14])) / _TCK
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its reaped children (worker processes once their pool has exited)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
 def percentile(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
