@@ -151,3 +151,102 @@ class BookClient:
 
     def close(self) -> None:
         self.ws.close()
+
+
+class BatchBookClient:
+    """One connection, several book channels, following the sync rule per channel; with `batch` it opts into
+    batched frames and records every frame, so tests can look at how messages were packed."""
+
+    def __init__(self, url: str, channels: list[tuple[str, int, int]], batch: bool = True, **connect_kw: Any):
+        self.ws: ClientConnection = connect(f"ws://{url}/ws", max_size=2**22, **connect_kw)
+        self.batch = batch
+        self.books: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self.frames: list[str] = []
+        self.gaps = self.checksum_failures = self.resyncs = self.deltas = 0
+        self.cross_frame_deltas = 0  # deltas whose predecessor arrived in an earlier frame
+        self.resync_snapshots = 0
+        self.errors: list[dict[str, Any]] = []
+        self.streams: dict[tuple[str, int, int], list[tuple]] = {}
+        if batch:
+            self.ws.send(json.dumps({"op": "options", "batch": True, "id": "opt"}))
+            first = self.ws.recv(timeout=10)
+            assert json.loads(first) == [{"type": "options", "id": "opt", "batch": True}], first
+        for key in channels:
+            self.books[key] = {"bids": {}, "asks": {}, "seq": -1, "frame": -1}
+            self.streams[key] = []
+            self._send_sub("subscribe", key)
+
+    def _send_sub(self, op: str, key: tuple[str, int, int]) -> None:
+        market, depth, interval = key
+        self.ws.send(json.dumps({"op": op, "channel": "book", "market": market, "depth": depth,
+                                 "interval_ms": interval}))
+
+    def levels(self, key: tuple[str, int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        b, depth = self.books[key], key[1]
+        return sorted(b["bids"].items(), key=lambda x: -x[0])[:depth], sorted(b["asks"].items())[:depth]
+
+    def handle_frame(self, raw: str) -> list[dict[str, Any]]:
+        self.frames.append(raw)
+        decoded = json.loads(raw)
+        msgs = decoded if isinstance(decoded, list) else [decoded]
+        if self.batch:
+            assert isinstance(decoded, list) and decoded, raw[:200]
+        for msg in msgs:
+            self._handle(msg)
+        return msgs
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        t = msg.get("type")
+        if t == "error":
+            self.errors.append(msg)
+            return
+        if t not in ("snapshot", "delta"):
+            return
+        key = (msg["market"], msg["depth"], msg["interval_ms"])
+        b = self.books.get(key)
+        if b is None:
+            return  # a channel the test does not track
+        self.streams[key].append((t, msg["seq"], msg.get("prev_seq"), msg["block"]["number"], msg["bids"],
+                                  msg["asks"], msg["checksum"]))
+        if t == "snapshot":
+            b["bids"] = {int(p): int(q) for p, q in msg["bids"]}
+            b["asks"] = {int(p): int(q) for p, q in msg["asks"]}
+            self.resync_snapshots += bool(msg.get("resync"))
+        else:
+            if b["seq"] < 0:
+                return
+            if msg["prev_seq"] != b["seq"]:
+                self.gaps += 1
+                self._resubscribe(key)
+                return
+            self.deltas += 1
+            self.cross_frame_deltas += b["frame"] < len(self.frames) - 1
+            for side in ("bids", "asks"):
+                for p, q in msg[side]:
+                    if int(q) == 0:
+                        b[side].pop(int(p), None)
+                    else:
+                        b[side][int(p)] = int(q)
+        b["seq"], b["frame"] = msg["seq"], len(self.frames) - 1
+        bids, asks = self.levels(key)
+        if reference_checksum(bids, asks, key[1]) != msg["checksum"]:
+            self.checksum_failures += 1
+            self._resubscribe(key)
+
+    def _resubscribe(self, key: tuple[str, int, int]) -> None:
+        self.resyncs += 1
+        self.books[key]["seq"] = -1
+        self._send_sub("unsubscribe", key)
+        self._send_sub("subscribe", key)
+
+    def drain(self, quiet_s: float = 0.5) -> None:
+        """Read until the server has been quiet for `quiet_s`."""
+        while True:
+            try:
+                raw = self.ws.recv(timeout=quiet_s)
+            except TimeoutError:
+                return
+            self.handle_frame(raw)
+
+    def close(self) -> None:
+        self.ws.close()

@@ -129,3 +129,27 @@ def test_slow_consumer_is_conflated_to_a_snapshot_then_disconnected() -> None:
         assert not fast.closing
 
     asyncio.run(run())
+
+
+def test_batch_frame_packs_queued_messages_up_to_the_byte_bound_without_reserializing() -> None:
+    async def run() -> None:
+        hub = make_hub(Limits(max_batch_bytes=64))
+        c = Conn(hub, "c", hub.limits)
+        msgs = [f'{{"n":{i},"pad":"{"x" * 10}"}}' for i in range(9)] + ['{"big":"' + "y" * 100 + '"}', '{"é":1}']
+        for m in msgs:
+            c.send(m)
+        frames, item = [], c.queue.get_nowait()
+        while item is not None:
+            frame, item = c.batch_frame(item)
+            frames.append(frame)
+            if item is None and not c.queue.empty():
+                item = c.queue.get_nowait()
+        assert [m for f in frames for m in json.loads(f)] == [json.loads(m) for m in msgs]  # order kept
+        assert all(f == "[" + ",".join(msgs[i : i + len(json.loads(f))]) + "]" for i, f in  # joined, as sent
+                   zip([sum(len(json.loads(g)) for g in frames[:k]) for k in range(len(frames))], frames, strict=True))
+        sizes = [(len(json.loads(f)), len(f.encode())) for f in frames]
+        assert all(size <= 64 for n, size in sizes if n > 1)
+        assert (1, len(msgs[9]) + 2) in sizes  # the one message longer than the bound goes alone
+        assert [n for n, _ in sizes] == [2, 2, 2, 2, 1, 1, 1]  # 25-byte messages: two per 64-byte frame
+
+    asyncio.run(run())

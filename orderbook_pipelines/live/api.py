@@ -16,9 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from limits import RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -26,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.live import metrics
+from orderbook_pipelines.live.ratelimit import MovingWindow
 
 if TYPE_CHECKING:
     from orderbook_pipelines.live.service import LiveService
@@ -57,6 +55,12 @@ class BadRequest(Exception):
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class Body(Response):
+    """An already serialized JSON body (from a response cache)."""
+
+    media_type = "application/json"
 
 
 def _err(e: BadRequest) -> JSON:
@@ -106,8 +110,12 @@ def decode_cursor(raw: str | None, n: int) -> tuple[int, ...] | None:
 class Api:
     def __init__(self, service: LiveService, requests_per_second: int = 50):
         self.s = service
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
-        self.rate = RateLimitItemPerSecond(requests_per_second)
+        self.limiter = MovingWindow(requests_per_second)
+        # Serialized bodies of the book-backed reads, valid while the hub's version is unchanged: at thousands
+        # of requests/s per market a read is then a lookup (bench/live.py rest); the first read after a block
+        # serializes once. Keys are bounded: (published market, 1..100 levels).
+        self._depth: dict[tuple[int, int], tuple[int, bytes]] = {}
+        self._summary: tuple[int, object, bytes] | None = None
         self._stats: tuple[dict[int, tuple], dict[int, Any]] | None = None
         self._stats_mono = 0.0
         self._stats_at: str | None = None
@@ -135,11 +143,13 @@ class Api:
         return m
 
     def timed(self, route: str, fn: Handler) -> Handler:
+        latency = metrics.API_LATENCY.labels(route)
+
         async def handler(request: Request) -> Response:
             t0 = time.perf_counter()
             client = request.client.host if request.client else "unknown"
-            if not await self.limiter.hit(self.rate, client):
-                return JSON({"error": {"code": "rate_limited", "message": f"at most {self.rate.amount} requests "
+            if not self.limiter.hit(client):
+                return JSON({"error": {"code": "rate_limited", "message": f"at most {self.limiter.amount} requests "
                                        "per second per client", "parameter": None}}, status_code=429,
                             headers={"Retry-After": "1"})
             try:
@@ -147,7 +157,7 @@ class Api:
             except BadRequest as e:
                 return _err(e)
             finally:
-                metrics.API_LATENCY.labels(route).observe(time.perf_counter() - t0)
+                latency.observe(time.perf_counter() - t0)
 
         return handler
 
@@ -156,13 +166,21 @@ class Api:
         q = self._query(request)
         m = self._market(q)
         levels = _int(q, "levels", 20, 1, 100)
-        v = self.s.hub.views.get(m)  # type: ignore[arg-type]
+        hub = self.s.hub
+        key = (m, levels)
+        hit = self._depth.get(key)  # type: ignore[arg-type]
+        if hit is not None and hit[0] == hub.version:
+            return Body(hit[1])
+        v = hub.views.get(m)  # type: ignore[arg-type]
         if v is None:
             raise BadRequest("market", "no book for this market yet", 503, "not_ready")
         bids, asks = v.bids[:levels], v.asks[:levels]
-        return JSON({"market": q["market"], "seq": v.seq, "block": {"number": v.block_number, "hash": v.block_hash},
-                     "bids": [[str(p), str(s)] for p, s in bids], "asks": [[str(p), str(s)] for p, s in asks],
-                     "checksum": book_checksum(bids, asks, levels), "paused": self.s.hub.is_paused(m)})  # type: ignore[arg-type]
+        body = orjson.dumps({"market": q["market"], "seq": v.seq,
+                             "block": {"number": v.block_number, "hash": v.block_hash},
+                             "bids": [[str(p), str(s)] for p, s in bids], "asks": [[str(p), str(s)] for p, s in asks],
+                             "checksum": book_checksum(bids, asks, levels), "paused": hub.is_paused(m)})  # type: ignore[arg-type]
+        self._depth[key] = (hub.version, body)  # type: ignore[index]
+        return Body(body)
 
     async def trades(self, request: Request) -> Response:
         q = self._query(request)
@@ -228,6 +246,10 @@ class Api:
         self._query(request)
         hub = self.s.hub
         stats, oi = await self.market_stats()
+        cached = self._summary
+        if cached is not None and cached[0] == hub.version and cached[1] is self._stats:
+            return Body(cached[2])
+        version, stats_ref = hub.version, self._stats
         out = []
         for m in sorted(hub.publishable):
             v = hub.views.get(m)
@@ -240,7 +262,9 @@ class Api:
                 "volume_24h": _s(s[1] if s else 0), "high_24h": _s(s[2] if s else None),
                 "low_24h": _s(s[3] if s else None), "last": _s(s[4] if s else None), "trades_24h": s[5] if s else 0,
                 "open_interest": _s(oi.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
-        return JSON({"markets": out, "stats_as_of": self._stats_at})
+        body = orjson.dumps({"markets": out, "stats_as_of": self._stats_at})
+        self._summary = (version, stats_ref, body)
+        return Body(body)
 
     async def market_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> tuple[dict[int, tuple], dict[int, Any]]:
         """24h trade statistics and open interest of every published market, recomputed at most every

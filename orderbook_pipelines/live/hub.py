@@ -37,6 +37,7 @@ class Limits:
     conflation_window_s: float = 30.0
     idle_timeout_s: float = 60.0
     messages_per_second: int = 20
+    max_batch_bytes: int = 65536  # an outgoing batch frame (option `batch`) never exceeds this many bytes
 
 
 def dumps(msg: dict[str, Any]) -> str:
@@ -60,6 +61,7 @@ class Conn:
         self.orders: set[str] = set()
         self.conflations: deque[float] = deque()
         self.closing = False
+        self.batch = False  # option `batch`: the sender packs pending messages into one JSON-array frame
 
     @property
     def subscription_count(self) -> int:
@@ -72,6 +74,29 @@ class Conn:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
             self._slow_consumer()
+
+    def batch_frame(self, first: str) -> tuple[str, str | tuple[str, int, str] | None]:
+        """`first` plus every message already queued, as one JSON array of the serialized messages, at most
+        `max_batch_bytes` long (a lone larger message goes alone). Returns the frame and the item taken from the
+        queue that did not fit (or a close), which the sender handles next. Messages are joined, never
+        re-serialized: each delta is still encoded once per channel and shared by all its subscribers."""
+        limit = self.limits.max_batch_bytes
+        parts = [first]
+        size = _nbytes(first) + 2
+        q = self.queue
+        carry: str | tuple[str, int, str] | None = None
+        while not q.empty():
+            item = q.get_nowait()
+            if isinstance(item, tuple):
+                carry = item
+                break
+            n = _nbytes(item) + 1
+            if size + n > limit:
+                carry = item
+                break
+            parts.append(item)
+            size += n
+        return "[" + ",".join(parts) + "]", carry
 
     def close(self, code: int, error: str, message: str) -> None:
         """Queue an error and a close; everything queued before it is dropped (the client is going away)."""
@@ -90,7 +115,8 @@ class Conn:
         dropped = self.queue.qsize()
         _drain(self.queue)
         metrics.MESSAGES_DROPPED.inc(dropped)
-        if len(self.conflations) > self.limits.max_conflations:
+        if len(self.conflations) > self.limits.max_conflations or len(self.books) > self.limits.queue_size:
+            # (a resync that cannot fit in the queue would overflow it again: the client cannot be caught up)
             metrics.SLOW_CONSUMER_DISCONNECTS.inc()
             self.close(4008, "slow_consumer", f"disconnected: the send queue overflowed {len(self.conflations)} "
                                               f"times in {self.limits.conflation_window_s:.0f}s")
@@ -98,6 +124,11 @@ class Conn:
         metrics.CONFLATIONS.inc()
         for key in sorted(self.books):
             self.queue.put_nowait(self.hub.channels[key].snapshot(resync=True))
+
+
+def _nbytes(text: str) -> int:
+    """UTF-8 length; messages are ASCII almost always, where the length is free."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _drain(q: asyncio.Queue) -> None:
@@ -184,9 +215,11 @@ class Hub:
         self.order_subs: dict[str, set[Conn]] = defaultdict(set)
         self.connections: dict[str, int] = defaultdict(int)
         self.publish_latency: deque[float] = deque(maxlen=10_000)
+        self.version = 0  # bumped on every change of views, names or pauses: the REST response caches' key
 
     # -- registry / control ---------------------------------------------------------------------------------
     def set_markets(self, names: dict[int, str], publishable: set[int]) -> None:
+        self.version += 1
         self.names = dict(names)
         self.by_name = {n: m for m, n in names.items()}
         self.publishable = set(publishable)
@@ -195,6 +228,7 @@ class Hub:
         return self.paused_all or market_id in self.paused
 
     def set_paused(self, market_id: int | None, paused: bool) -> None:
+        self.version += 1
         if market_id is None:
             self.paused_all = paused
         elif paused:
@@ -208,6 +242,7 @@ class Hub:
 
     # -- updates from the follower --------------------------------------------------------------------------
     def on_update(self, update: Update) -> None:
+        self.version += 1
         for v in update.views:
             self.views[v.market_id] = v
         touched = {v.market_id for v in update.views}

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from orderbook_pipelines.live.state import LiveBooks
 
 
+def _levels(levels: tuple[tuple[int, int], ...]) -> bytes:
+    """[["price","size"], ...] exactly as orjson writes it, without building the lists: every touched market is
+    written per block, so this runs for 1,000 markets x 200 levels per block in the fan-out benchmark."""
+    return ("[" + ",".join([f'["{p}","{q}"]' for p, q in levels]) + "]").encode()
+
+
 class RedisTier:
     def __init__(self, url: str, prefix: str = "obp:"):
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
@@ -26,10 +32,9 @@ class RedisTier:
         pipe = self.client.pipeline(transaction=False)
         for v in update.views:
             name = names.get(v.market_id, str(v.market_id))
-            doc = orjson.dumps({"market": name, "seq": v.seq, "reason": update.reason,
-                                "block": {"number": v.block_number, "hash": v.block_hash},
-                                "bids": [[str(p), str(q)] for p, q in v.bids],
-                                "asks": [[str(p), str(q)] for p, q in v.asks]})
+            head = orjson.dumps({"market": name, "seq": v.seq, "reason": update.reason,
+                                 "block": {"number": v.block_number, "hash": v.block_hash}})
+            doc = b"".join((head[:-1], b',"bids":', _levels(v.bids), b',"asks":', _levels(v.asks), b"}"))
             pipe.set(f"{self.prefix}depth:{name}", doc)
             pipe.publish(f"{self.prefix}updates:{name}", doc)
         for r in update.rows:

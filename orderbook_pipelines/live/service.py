@@ -34,6 +34,7 @@ from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.api import Api
 from orderbook_pipelines.live.follower import Follower, Update
 from orderbook_pipelines.live.heads import HeadWatcher, ws_url_for
+from orderbook_pipelines.live.http_log import RequestLog
 from orderbook_pipelines.live.hub import Hub, Limits
 from orderbook_pipelines.live.node import ClusterNode
 from orderbook_pipelines.live.openapi import SPEC
@@ -102,6 +103,8 @@ class LiveService:
             self.node.publish(update)
             metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
             return
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._on_loop, update)  # clients first; the Redis copy does not delay them
         if self.redis is not None:
             try:
                 self.redis.write(update, self.hub.names, self.follower.books)
@@ -109,8 +112,6 @@ class LiveService:
                 log.exception("redis write-through failed")
         metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
         metrics.CHAIN_HEAD.set(self.follower.stats.head_seen)
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._on_loop, update)
 
     def _on_loop(self, update: Update) -> None:
         self.hub.on_update(update)
@@ -268,7 +269,7 @@ class LiveService:
             Route("/api/markets/summary", api.timed("/api/markets/summary", api.summary)),
             Route("/health", health), Route("/ready", ready), Route("/metrics", prom),
             Route("/openapi.json", openapi), Route("/admin/pause", pause, methods=["POST"]),
-        ], lifespan=lifespan, middleware=[Middleware(obs.RequestLogMiddleware)])
+        ], lifespan=lifespan, middleware=[Middleware(RequestLog)])
 
 
 def server_settings(service: LiveService, host: str, port: int, **overrides: Any) -> dict[str, Any]:
@@ -279,7 +280,8 @@ def server_settings(service: LiveService, host: str, port: int, **overrides: Any
         "host": host, "port": port, "log_level": "warning", "access_log": False,
         "ws_max_size": service.hub.limits.max_message_bytes * 4,
         "ws_per_message_deflate": False,  # would compress every shared delta once per subscriber
-        "ws_ping_interval": 20, "ws_ping_timeout": 20, "timeout_keep_alive": 5, "http": HeaderDeadlineProtocol,
+        "ws_ping_interval": 20, "ws_ping_timeout": 20, "timeout_keep_alive": 5,
+        "http": HeaderDeadlineProtocol, "loop": "uvloop",  # httptools parser (the subclass) and uvloop, never h11
     } | overrides
 
 

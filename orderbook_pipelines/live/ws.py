@@ -7,13 +7,11 @@ import re
 from typing import Any
 
 import orjson
-from limits import RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.hub import DEPTHS, INTERVALS, Conn, Hub, dumps
+from orderbook_pipelines.live.ratelimit import MovingWindow
 
 _TRADER = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _MAX_RATE_VIOLATIONS = 50
@@ -30,8 +28,7 @@ def error(code: str, message: str, req_id: Any = None) -> str:
 class WsEndpoint:
     def __init__(self, hub: Hub):
         self.hub = hub
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
-        self.rate = RateLimitItemPerSecond(hub.limits.messages_per_second)
+        self.limiter = MovingWindow(hub.limits.messages_per_second)
 
     async def serve(self, ws: WebSocket) -> None:
         hub, limits = self.hub, self.hub.limits
@@ -63,7 +60,7 @@ class WsEndpoint:
                 if len(text.encode()) > limits.max_message_bytes:
                     conn.close(1009, "message_too_large", f"messages are limited to {limits.max_message_bytes} bytes")
                     break
-                if not await self.limiter.hit(self.rate, str(id(conn))):
+                if not self.limiter.hit(str(id(conn))):
                     violations += 1
                     if violations > _MAX_RATE_VIOLATIONS:
                         conn.close(4029, "rate_limited", "too many messages; disconnected")
@@ -87,15 +84,26 @@ class WsEndpoint:
 
     @staticmethod
     async def _sender(ws: WebSocket, conn: Conn) -> None:
+        """Drains the connection's queue: one frame per message, or with `batch` one array frame per drain."""
+        item: str | tuple[str, int, str] | None = None
         try:
             while True:
-                item = await conn.queue.get()
+                if item is None:
+                    item = await conn.queue.get()
                 if isinstance(item, tuple):
                     code_name, code, message = item
-                    await ws.send_text(error(code_name, message))
+                    text = error(code_name, message)
+                    await ws.send_text(f"[{text}]" if conn.batch else text)
                     await ws.close(code)
                     return
-                await ws.send_text(item)
+                if conn.batch:
+                    frame, item = conn.batch_frame(item)
+                    if conn.closing and isinstance(item, str):
+                        item = None  # the close is queued next; a message left over is moot
+                    await ws.send_text(frame)
+                else:
+                    text, item = item, None
+                    await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             return
 
@@ -115,8 +123,26 @@ class WsEndpoint:
             conn.send(dumps({"type": "pong", "id": rid}))
         elif op in ("subscribe", "unsubscribe"):
             self._subscription(conn, op, req, rid)
+        elif op == "options":
+            self._options(conn, req, rid)
         else:
-            conn.send(error("unknown_op", f"unknown op {op!r}; expected subscribe, unsubscribe or ping", rid))
+            conn.send(error("unknown_op", f"unknown op {op!r}; expected subscribe, unsubscribe, options or ping",
+                            rid))
+
+    @staticmethod
+    def _options(conn: Conn, req: dict, rid: Any) -> None:
+        """Connection options; `batch` packs the messages pending for this client into one JSON-array frame
+        (fewer frames, same messages: per-market seq/prev_seq/checksum are untouched)."""
+        unknown = sorted(set(req) - {"op", "id", "batch"})
+        if unknown:
+            conn.send(error("invalid_option", f"unknown option(s) {unknown}; supported: batch", rid))
+            return
+        batch = req.get("batch")
+        if not isinstance(batch, bool):
+            conn.send(error("invalid_option", "'batch' must be true or false", rid))
+            return
+        conn.batch = batch
+        conn.send(dumps({"type": "options", "id": rid, "batch": batch}))
 
     def _market(self, conn: Conn, req: dict, rid: Any) -> int | None:
         name = req.get("market")
