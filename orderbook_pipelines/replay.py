@@ -12,6 +12,7 @@ same hashes on every machine, whatever PYTHONHASHSEED or dict order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent, InvalidEvent
@@ -210,9 +212,11 @@ def combined_hash(hashes: dict[str, str]) -> str:
 
 def replay(events: Iterable[CanonicalEvent], strict: bool = True, check_each_block: bool = False,
            books: dict[str, MarketReplay] | None = None,
-           on_block: Callable[[int, dict[str, MarketReplay]], None] | None = None) -> ReplayResult:
+           on_block: Callable[[int, dict[str, MarketReplay]], None] | None = None,
+           hashes: bool = True) -> ReplayResult:
     """Apply events in chain order; `books` continues from earlier state (snapshot restore); `on_block` sees
-    the books a block touched once the block is complete."""
+    the books a block touched once the block is complete. `hashes=False` skips the final state hashes (a
+    restore that verified its snapshots already: a thousand markets' worth of hashing at cold start)."""
     res = ReplayResult(books=books if books is not None else {})
     last: tuple[int, int] | None = None
     touched: dict[str, MarketReplay] = {}
@@ -247,7 +251,8 @@ def replay(events: Iterable[CanonicalEvent], strict: bool = True, check_each_blo
         res.events += 1
     if last is not None:
         close_block(last[0])
-    res.hashes = {m: mr.book.state_hash() for m, mr in res.books.items()}
+    if hashes:
+        res.hashes = {m: mr.book.state_hash() for m, mr in res.books.items()}
     return res
 
 
@@ -282,27 +287,41 @@ _MARKET_NAME = "COALESCE(m.metric_id, m.metric_hash, m.address, m.market_id::tex
 
 def stored_events(conn: Connection, *, after_block: int = -1, to_block: int | None = None,
                   market_ids: Iterable[int] | None = None, chain_id: int | None = None) -> Iterator[CanonicalEvent]:
-    """Book events of resolved markets in (after_block, to_block], chain order, streamed (server-side cursor)."""
+    """Book events of resolved markets in (after_block, to_block], chain order, streamed (server-side cursor).
+
+    Positional driver rows with the amounts as text (int() of a str is far cheaper than of a Decimal): a
+    replay from the first event is a million rows at scale.
+    """
     ids = sorted(set(market_ids)) if market_ids is not None else None
-    sql = text(f"""
+    sql = f"""
         SELECT e.block_number, e.log_index, e.block_hash, e.tx_hash, e.market_id, {_MARKET_NAME} AS market,
-               e.kind, e.contract, e.order_id, e.trader, e.side, e.order_type, e.price, e.quantity
+               e.kind, e.contract, e.order_id, e.trader, e.side, e.order_type, e.price::text, e.quantity::text
         FROM order_events e JOIN markets m USING (market_id)
         WHERE e.kind IN ('open', 'fill', 'cancel') AND e.order_id IS NOT NULL
-          AND e.block_number > :after AND (CAST(:to AS bigint) IS NULL OR e.block_number <= :to)
-          AND (CAST(:c AS bigint) IS NULL OR e.chain_id = :c)
-          AND (CAST(:ids AS integer[]) IS NULL OR e.market_id = ANY(CAST(:ids AS integer[])))
+          AND e.block_number > %(after)s AND (CAST(%(to)s AS bigint) IS NULL OR e.block_number <= %(to)s)
+          AND (CAST(%(c)s AS bigint) IS NULL OR e.chain_id = %(c)s)
+          AND (CAST(%(ids)s AS integer[]) IS NULL OR e.market_id = ANY(CAST(%(ids)s AS integer[])))
         ORDER BY e.block_number, e.log_index
-    """)
-    result = conn.execution_options(stream_results=True, yield_per=5000).execute(
-        sql, {"after": after_block, "to": to_block, "c": chain_id, "ids": ids})
-    for r in result:
-        yield CanonicalEvent(
-            block_number=r.block_number, log_index=r.log_index, block_hash=r.block_hash, tx_hash=r.tx_hash,
-            market=r.market, market_id=r.market_id, kind=r.kind, contract=r.contract, order_id=r.order_id,
-            trader=r.trader, side=r.side, order_type=r.order_type,
-            price=None if r.price is None else int(r.price), quantity=None if r.quantity is None else int(r.quantity),
-        )
+    """
+    params = {"after": after_block, "to": to_block, "c": chain_id, "ids": ids}
+    for bn, li, bh, tx, mid, market, kind, contract, oid, trader, side, ot, price, qty in _stream(conn, sql, params):
+        yield CanonicalEvent(bn, li, bh, tx, market, mid, kind, contract, oid, trader, side, ot,
+                             None if price is None else int(price), None if qty is None else int(qty))
+
+
+_cursor_ids = itertools.count()
+
+
+def _stream(conn: Connection, sql: str, params: dict[str, Any], batch: int = 5000) -> Iterator[tuple]:
+    """Rows of a driver-level query through a server-side cursor, `batch` at a time, as plain tuples."""
+    raw = conn.connection.driver_connection
+    if isinstance(raw, psycopg.Connection):
+        with raw.cursor(name=f"obp_stream_{next(_cursor_ids)}") as cur:
+            cur.execute(sql, params)
+            while rows := cur.fetchmany(batch):
+                yield from rows
+    else:
+        yield from conn.execution_options(stream_results=True, yield_per=batch).exec_driver_sql(sql, params).tuples()
 
 
 def ingested_through(conn: Connection, chain_id: int | None = None, start_block: int | None = None) -> int | None:

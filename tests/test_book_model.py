@@ -338,3 +338,60 @@ def test_bulk_load_rejects_what_cannot_rest(row: tuple[str, int, int, int, int])
 def test_bulk_load_rejects_a_duplicate_key() -> None:
     with pytest.raises(InvalidEvent, match="loaded twice"):
         Book().load_resting([("a", BUY, 10, 5, 0), ("a", SELL, 11, 5, 0)])
+
+
+# -- column-wise bulk load (the cold-start path) -------------------------------------------------------------
+_AMOUNT = st.one_of(st.integers(1, 50), st.integers(2**64 - 3, 2**64 + 3), st.integers(2**200, 2**256 - 1))
+
+
+def _orders(book: Book) -> list[tuple]:
+    return [(k, o.side, o.price, o.quantity, o.is_limit, o.filled, o.cancelled) for k, o in book.orders.items()]
+
+
+@given(st.lists(st.tuples(st.sampled_from([BUY, SELL]), st.sampled_from([1, 7, 2**64, 2**64 + 1, 2**255]),
+                          _AMOUNT, st.integers(0, 2**256)), max_size=60),
+       st.integers(0, 60))
+def test_column_load_equals_replaying_open_then_fill(rows: list[tuple[int, int, int, int]], preloaded: int) -> None:
+    """Few prices, so orders share levels (sums and counts above 2**64), partial fills, a book that already has
+    orders: the columns path must equal the per-event path, order objects and dict order included."""
+    resting = [(f"o{i}", side, price, qty, filled % qty) for i, (side, price, qty, filled) in enumerate(rows)]
+    replayed = Book()
+    for key, side, price, qty, filled in resting:
+        replayed.apply(BookEvent("open", key, side, 1, price, qty))
+        if filled:
+            replayed.apply(BookEvent("fill", key, quantity=filled))
+    replayed.end_block()
+    loaded = Book()
+    head, tail = resting[:preloaded], resting[preloaded:]
+    loaded.load_resting(head)
+    loaded.load_columns(*(list(col) for col in zip(*tail, strict=True)) if tail else ([], [], [], [], []))
+    assert _orders(loaded) == _orders(replayed)
+    assert loaded.state_hash() == replayed.state_hash()
+    for side in (BUY, SELL):
+        assert loaded.levels(side, 100) == replayed.levels(side, 100)
+        assert loaded.best(side) == replayed.best(side)
+    # and it keeps behaving like the replayed book: a fill of every order, then a cancel of what is left
+    for key, *_ in resting:
+        for b in (loaded, replayed):
+            b.apply(fill(key, 1))
+            b.apply(cancel(key) if b.resting(key) % 2 else fill(key, 0))
+    assert _orders(loaded) == _orders(replayed) and loaded.state_hash() == replayed.state_hash()
+
+
+@pytest.mark.parametrize("bad", [("x", 2, 10, 5, 0), ("x", BUY, 0, 5, 0), ("x", BUY, 10, 5, 5),
+                                 ("x", SELL, 10, 5, -1), ("x", SELL, 10, 0, 0), ("o1", BUY, 10, 5, 0),
+                                 ("o0", SELL, 12, 5, 0)])
+def test_column_load_is_all_or_nothing(bad: tuple[str, int, int, int, int]) -> None:
+    """A rejected load (invalid row, duplicate key within it or against the book) changes nothing."""
+    book = Book()
+    book.load_resting([("o0", BUY, 10, 5, 1)])
+    before, digest = _orders(book), book.state_hash()
+    rows = [("o1", BUY, 10, 5, 0), ("o2", SELL, 11, 2**70, 3), bad]
+    with pytest.raises(InvalidEvent, match=r"not a resting limit order|loaded twice"):
+        book.load_columns(*(list(col) for col in zip(*rows, strict=True)))
+    assert _orders(book) == before and book.state_hash() == digest
+
+
+def test_column_load_rejects_columns_of_different_lengths() -> None:
+    with pytest.raises(ValueError, match="different lengths"):
+        Book().load_columns(["a", "b"], [BUY, BUY], [1, 2], [3, 4], [0])

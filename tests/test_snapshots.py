@@ -3,6 +3,7 @@ incremental build equals a full replay, Parquet objects mirror the rows, retenti
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from web3 import Web3
 
 from orderbook_pipelines.assets.ingestion import ingestion_assets
 from orderbook_pipelines.assets.snapshots import SnapshotStoreResource, snapshot_assets
-from orderbook_pipelines.book.model import BUY, SELL
+from orderbook_pipelines.book.model import BUY, SELL, Book
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.ingest import ingest_range, project_range
 from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
@@ -25,8 +26,12 @@ from orderbook_pipelines.resources import ChainResource, PostgresResource, Setti
 from orderbook_pipelines.snapshots import (
     RetentionPolicy,
     apply_retention,
+    books_at,
     build_snapshots,
     expired,
+    load_orders,
+    load_snapshot_books,
+    replay_from_orders,
     restore_books,
     store_snapshots,
 )
@@ -259,3 +264,83 @@ def test_retention_deletes_rows_orders_and_objects(simulated_chain: DevChain, tm
                          "WHERE s.market_id = o.market_id AND s.block_number = o.block_number)") == [(0,)]
     finally:
         drop_database(db)
+
+
+# -- the bulk (one query) snapshot load against the per-order path ---------------------------------------------
+def _synthetic_orders(rng: random.Random, n: int, odd_key: str | None = None) -> list[tuple]:
+    """(contract, order_id, trader, side, price, quantity, filled): shared levels, amounts around and far above
+    2**64, partial fills, traders that are NULL or look like the bulk path's own trader encoding."""
+    prices = [1, 5, 2**64 - 1, 2**64, 2**64 + 1, 2**255]
+    traders = [None, "-", "+", "+0xab", "0x" + "b" * 40, "0x" + "c" * 40]
+    out = {}
+    while len(out) < n:
+        contract = rng.choice(["0x" + "a" * 40, "0x" + "d" * 40])
+        oid = str(rng.randrange(1, 10**12))
+        qty = rng.choice([rng.randrange(1, 100), rng.randrange(2**64, 2**65), rng.randrange(2**255, 2**256)])
+        filled = rng.choice([0, 0, rng.randrange(qty)])
+        out[(contract, oid)] = (contract, oid, rng.choice(traders), rng.randrange(2), rng.choice(prices), qty, filled)
+    rows = list(out.values())
+    if odd_key is not None:
+        rows.append(("0x" + "a" * 40, odd_key, None, 0, 7, 3, 1))
+    return rows
+
+
+def _book_of(rows: list[tuple]) -> Book:
+    book = Book()
+    book.load_resting((f"{c}:{o}", side, p, q, f) for c, o, _t, side, p, q, f in rows)
+    return book
+
+
+def _order_state(book: Book) -> list[tuple]:
+    return [(k, o.side, o.price, o.quantity, o.is_limit, o.filled, o.cancelled) for k, o in book.orders.items()]
+
+
+def test_bulk_snapshot_load_equals_the_per_order_path(database: str) -> None:
+    """Several markets, two snapshots each (the older one must not leak in), one empty snapshot, one whose order
+    id holds the bulk separator (the per-order fallback), 2**256-range amounts: same orders (dict order
+    included), traders, levels and state hash as `replay_from_orders(load_orders(...))`; `books_at` uses them."""
+    rng = random.Random(11)
+    engine = engine_for(database)
+    sizes = {"BULK_MANY": 400, "BULK_EMPTY": 0, "BULK_ODD": 30, "BULK_FEW": 3}
+    data: dict[int, dict[int, list[tuple]]] = {}
+    with engine.begin() as conn:
+        for block in (100, 200):
+            conn.execute(text("INSERT INTO blocks (chain_id, number, hash, parent_hash, block_time) "
+                              "VALUES (1, :n, :h, :h, now())"), {"n": block, "h": f"0x{block:064x}"})
+        for name, n in sizes.items():
+            mid = conn.execute(text("INSERT INTO markets (chain_id, metric_id, metric_hash, source) "
+                                    "VALUES (1, :m, :h, 'test') RETURNING market_id"),
+                               {"m": name, "h": f"0x{len(data):064x}"}).scalar_one()
+            data[mid] = {100: _synthetic_orders(rng, n // 2 + 1),
+                         200: _synthetic_orders(rng, n, "7 8" if name == "BULK_ODD" else None)}
+            for block, rows in data[mid].items():
+                conn.execute(text("INSERT INTO depth_snapshots (market_id, block_number, block_hash, block_time, "
+                                  "checksum, state_hash, orders, levels) VALUES (:m, :b, :h, now(), 0, :s, :n, '{}')"),
+                             {"m": mid, "b": block, "h": f"0x{block:064x}", "s": _book_of(rows).state_hash(),
+                              "n": len(rows)})
+                for c, o, t, side, p, q, f in rows:
+                    conn.execute(text("INSERT INTO snapshot_orders VALUES (:m, :b, :c, :o, :t, :s, :p, :q, :f, :r)"),
+                                 {"m": mid, "b": block, "c": c, "o": o, "t": t, "s": side, "p": p, "q": q, "f": f,
+                                  "r": q - f})
+    odd = next(m for m, d in data.items() if len(d[200]) == sizes["BULK_ODD"] + 1)
+    with engine.connect() as conn:
+        bulk = load_snapshot_books(conn, {m: 200 for m in data})
+        lean = load_snapshot_books(conn, {m: 200 for m in data}, traders=False)
+        assert set(bulk) == set(lean) == set(data)
+        assert bulk[odd] is None and lean[odd] is None
+        for mid in data:
+            ref = replay_from_orders(load_orders(conn, mid, 200))
+            assert ref.book.state_hash() == _book_of(data[mid][200]).state_hash()
+            if mid == odd:
+                continue
+            got, thin = bulk[mid], lean[mid]
+            assert got is not None and thin is not None
+            assert _order_state(got.book) == _order_state(thin.book) == _order_state(ref.book)
+            assert got.book.state_hash() == thin.book.state_hash() == ref.book.state_hash()
+            assert list(got.traders.items()) == list(ref.traders.items()) and thin.traders == {}
+        for traders in (True, False):
+            b = books_at(conn, 200, chain_id=1, traders=traders)
+            assert b.base == {m: 200 for m in data} and b.fallbacks == {}
+            for mid, rows in data.items():
+                assert sorted(_order_state(b.books[mid].book)) == sorted(_order_state(_book_of(rows[200])))
+                assert len(b.books[mid].traders) == (len(rows[200]) if traders else 0)
