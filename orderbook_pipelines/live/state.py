@@ -7,7 +7,6 @@ that cannot be rolled back here and is reported as `DeepReorg` (the service then
 
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -160,8 +159,5 @@ def _top(book: Book, side: int, n: int) -> tuple[tuple[int, int], ...]:
     if qty is None:  # a Book without the price -> size maps: the public (slower) path
         return tuple((lv.price, lv.quantity) for lv in book.levels(side, n))
     by_price = qty[side]
-    if len(by_price) > 4 * n:
-        prices = heapq.nlargest(n, by_price) if side == BUY else heapq.nsmallest(n, by_price)
-    else:
-        prices = sorted(by_price, reverse=side == BUY)[:n]
+    prices = sorted(by_price, reverse=side == BUY)[:n]  # C sort beats heapq's Python loop at these sizes
     return tuple(zip(prices, map(by_price.__getitem__, prices), strict=True))
