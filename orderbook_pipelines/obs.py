@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -183,58 +182,3 @@ def trace(**fields: Any) -> Iterator[str]:
         yield tid
 
 
-# -- ASGI middleware ----------------------------------------------------------------------------------------
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-_http_log = logging.getLogger("obp.http")
-
-
-class RequestLogMiddleware:
-    """Binds a request id (HTTP) or connection id (WebSocket) and logs one line per request / connection.
-
-    A well-formed incoming `X-Request-ID` is kept (so a trace crosses the proxy); it is echoed back.
-    Query strings are logged through redaction; headers are not logged at all.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        kind = scope["type"]
-        if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.match(given) else new_id()
-        client = scope.get("client")
-        fields = {"client": client[0] if client else None, "path": scope.get("path")}
-        t0 = time.perf_counter()
-        state: dict[str, Any] = {"status": None}
-
-        async def send_wrapper(message: dict) -> None:
-            t = message["type"]
-            if t == "http.response.start":
-                state["status"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
-            elif t == "websocket.accept":
-                state["status"] = 101
-            elif t == "websocket.close":
-                state["close_code"] = message.get("code", 1000)
-            await send(message)
-
-        key = "request_id" if kind == "http" else "conn_id"
-        with bound_contextvars(**{key: rid}):
-            try:
-                await self.app(scope, receive, send_wrapper)
-            except Exception:
-                state["status"] = 500
-                _http_log.exception("request failed", extra={"method": scope.get("method"), **fields})
-                raise
-            finally:
-                ms = round((time.perf_counter() - t0) * 1000, 3)
-                q = scope.get("query_string", b"").decode("latin-1")
-                if kind == "http":
-                    _http_log.info("request", extra={"method": scope.get("method"), "query": q or None,
-                                                     "status": state["status"], "duration_ms": ms, **fields})
-                else:
-                    _http_log.info("websocket closed", extra={"status": state["status"], "duration_ms": ms,
-                                                              "close_code": state.get("close_code"), **fields})

@@ -1,9 +1,10 @@
-"""Request ids and request logs of the live service: `obs.RequestLogMiddleware`'s contract at a hot-path cost.
+"""Request ids and request logs of the live service, at a hot-path cost.
 
-Same fields, ids and redaction as obs.RequestLogMiddleware (docs/observability.md), with two differences that
-matter at thousands of requests/s: a *successful read* (GET/HEAD answered < 400) is logged at DEBUG, since a
-rendered, redacted JSON log line costs more CPU than serving a cached depth body (per-route counts and latency
-are in `obp_api_request_seconds`); errors, writes (admin) and WebSocket connections stay at INFO. And a
+Binds a request id (HTTP) or connection id (WebSocket) and logs one line per request or connection (fields in
+docs/observability.md); a well-formed incoming `X-Request-ID` is kept and echoed back; headers are never logged.
+Two choices matter at thousands of requests/s: a *successful read* (GET/HEAD answered < 400) is logged at DEBUG,
+since a rendered, redacted JSON log line costs more CPU than serving a cached depth body (per-route counts and
+latency are in `obp_api_request_seconds`); errors, writes (admin) and WebSocket connections stay at INFO. And a
 WebSocket's frames pass through without a per-frame wrapper once the connection is accepted.
 """
 
