@@ -281,6 +281,9 @@ def check_against_reference(b: Book, events: list[BookEvent]) -> None:
         assert prices == sorted(prices, reverse=(side == BUY))
         assert len(set(prices)) == len(prices)
         assert b.best(side) == (prices[0] if prices else None)
+        best_first = sorted(qty[side].items(), reverse=(side == BUY))
+        for n in (0, 1, 3, len(best_first), len(best_first) + 5):
+            assert b.top(side, n) == tuple(best_first[:n])
     for oid, (_, _, left) in live.items():
         assert b.resting(oid) == left
     for e in events:
@@ -395,3 +398,30 @@ def test_column_load_is_all_or_nothing(bad: tuple[str, int, int, int, int]) -> N
 def test_column_load_rejects_columns_of_different_lengths() -> None:
     with pytest.raises(ValueError, match="different lengths"):
         Book().load_columns(["a", "b"], [BUY, BUY], [1, 2], [3, 4], [0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=streams(), data=st.data())
+def test_undo_of_a_recorded_suffix_restores_levels_best_and_top(events, data):
+    """A reorged block is undone from its log: every query (levels, top, best, hash) equals the book before it,
+    and the book keeps working afterwards (the same suffix applied again gives the same state)."""
+    cut = data.draw(st.integers(0, len(events)))
+    b, ref = Book(), Book()
+    for e in events[:cut]:
+        b.apply(e)
+        ref.apply(e)
+    log: list = []
+    b.record(log)
+    for e in events[cut:]:
+        b.apply(e)
+    b.end_block()
+    b.record(None)
+    b.undo(log)
+    for side in (BUY, SELL):
+        assert b.levels(side, 1000) == ref.levels(side, 1000)
+        assert b.top(side, 1000) == ref.top(side, 1000)
+        assert b.best(side) == ref.best(side)
+    assert b.state_hash() == ref.state_hash()
+    for e in events[cut:]:
+        b.apply(e)
+    check_against_reference(b, events)

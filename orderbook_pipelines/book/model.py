@@ -9,6 +9,7 @@ OrderPlaced). Only limit orders rest; a market order's remainder never does.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class Book:
     orders: dict[str, _Order] = field(default_factory=dict)
     _qty: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
     _count: tuple[dict[int, int], dict[int, int]] = field(default_factory=lambda: ({}, {}))
+    # The prices of each side, ascending: a level appears or vanishes far less often than it changes size, and
+    # the live service reads the top levels of every touched market per block, which must not sort the book.
+    _prices: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
     _undo: UndoLog | None = None
     _transient: set[str] = field(default_factory=set)  # keys that were non-limit after an event this block
 
@@ -105,6 +109,8 @@ class Book:
         for (side, price), c in Counter(zip(sides, prices, strict=True)).items():
             cs = cnt[side]
             cs[price] = cs.get(price, 0) + c
+        for side in (BUY, SELL):
+            self._prices[side][:] = sorted(qty[side])
 
     def record(self, log: UndoLog | None) -> None:
         """Record every change into `log` (None stops) so that `undo(log)` can roll a reorged block back."""
@@ -121,9 +127,12 @@ class Book:
             else:
                 _, side, price, q, c = entry
                 if q is None:
-                    self._qty[side].pop(price, None)
+                    if self._qty[side].pop(price, None) is not None:
+                        _drop(self._prices[side], price)
                     self._count[side].pop(price, None)
                 else:
+                    if price not in self._qty[side]:
+                        insort(self._prices[side], price)
                     self._qty[side][price], self._count[side][price] = q, c
         log.clear()
 
@@ -186,25 +195,37 @@ class Book:
         qty, cnt = self._qty[o.side], self._count[o.side]
         if self._undo is not None:
             self._undo.append(("l", o.side, o.price, qty.get(o.price), cnt.get(o.price)))
+        before = cnt.get(o.price, 0)
         q = qty.get(o.price, 0) + sign * r
-        c = cnt.get(o.price, 0) + sign
+        c = before + sign
         if c == 0:
             qty.pop(o.price, None)
             cnt.pop(o.price, None)
+            _drop(self._prices[o.side], o.price)
         else:
+            if before == 0:
+                insort(self._prices[o.side], o.price)
             qty[o.price], cnt[o.price] = q, c
 
     # -- queries --------------------------------------------------------------------------------------------
+    def _top_prices(self, side: int, n: int) -> list[int]:
+        ps = self._prices[side]
+        return ps[:n] if side == SELL else ps[:-n - 1 if n < len(ps) else None:-1]
+
     def levels(self, side: int, n: int) -> list[Level]:
         qty, cnt = self._qty[side], self._count[side]
-        prices = sorted(qty, reverse=(side == BUY))[:n]
-        return [Level(p, qty[p], cnt[p]) for p in prices]
+        return [Level(p, qty[p], cnt[p]) for p in self._top_prices(side, n)]
+
+    def top(self, side: int, n: int) -> tuple[tuple[int, int], ...]:
+        """The best `n` levels as (price, size), best first: what a depth view needs, without Level objects."""
+        prices = self._top_prices(side, n)
+        return tuple(zip(prices, map(self._qty[side].__getitem__, prices), strict=True))
 
     def best(self, side: int) -> int | None:
-        qty = self._qty[side]
-        if not qty:
+        ps = self._prices[side]
+        if not ps:
             return None
-        return max(qty) if side == BUY else min(qty)
+        return ps[-1] if side == BUY else ps[0]
 
     def resting(self, order_id: str) -> int:
         o = self.orders.get(order_id)
@@ -215,5 +236,11 @@ class Book:
         h = hashlib.sha256()
         for side in (BUY, SELL):
             qty, cnt = self._qty[side], self._count[side]
-            h.update("".join([f"{side}:{p}:{qty[p]}:{cnt[p]};" for p in sorted(qty)]).encode())
+            h.update("".join([f"{side}:{p}:{qty[p]}:{cnt[p]};" for p in self._prices[side]]).encode())
         return h.hexdigest()
+
+
+def _drop(prices: list[int], price: int) -> None:
+    i = bisect_left(prices, price)
+    if i < len(prices) and prices[i] == price:
+        del prices[i]

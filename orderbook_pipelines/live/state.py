@@ -147,17 +147,6 @@ class LiveBooks:
             seq=self.seq[market_id],
             block_number=self.head.number,
             block_hash=self.head.hash,
-            bids=_top(book, BUY, levels),
-            asks=_top(book, SELL, levels),
+            bids=book.top(BUY, levels),
+            asks=book.top(SELL, levels),
         )
-
-
-def _top(book: Book, side: int, n: int) -> tuple[tuple[int, int], ...]:
-    """`Book.levels` as (price, size) pairs without a Level object per level: a view is built per touched market
-    per block, so at 1,000 markets per block this is the follower's hottest loop (bench/live.py fan-out)."""
-    qty = getattr(book, "_qty", None)
-    if qty is None:  # a Book without the price -> size maps: the public (slower) path
-        return tuple((lv.price, lv.quantity) for lv in book.levels(side, n))
-    by_price = qty[side]
-    prices = sorted(by_price, reverse=side == BUY)[:n]  # C sort beats heapq's Python loop at these sizes
-    return tuple(zip(prices, map(by_price.__getitem__, prices), strict=True))
