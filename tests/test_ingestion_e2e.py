@@ -310,3 +310,22 @@ def test_parallel_backfill_workers_equal_the_sequential_state(simulated_chain: D
             assert _table(db, q) == _table(indexed, q)
     finally:
         drop_database(db)
+
+
+def test_parallel_backfill_surfaces_a_workers_rpc_failure_and_writes_nothing(simulated_chain: DevChain) -> None:
+    """A worker process that cannot reach the node fails the whole run with the RPC's own words, not a hang or a
+    pickling error, and nothing half-written is left behind."""
+    from orderbook_pipelines.backfill import run_ranges
+    from orderbook_pipelines.chain.rpc import RpcError
+
+    cfg = simulated_chain.config
+    dead = cfg.model_copy(update={"chain": cfg.chain.model_copy(
+        update={"rpc_url": "http://127.0.0.1:9", "rpc_retries": 0, "rpc_timeout_s": 2})})
+    db = new_database()
+    try:
+        with pytest.raises(RpcError, match="eth_blockNumber"):
+            list(run_ranges(dead, db, _ranges(simulated_chain)[:3], workers=2))
+        assert _table(db, "SELECT count(*) FROM order_events") == [(0,)]
+        assert _table(db, "SELECT count(*) FROM ingestion_checkpoints") == [(0,)]
+    finally:
+        drop_database(db)
