@@ -314,16 +314,22 @@ def test_state_hash_deterministic_and_sensitive_to_one_more_fill(events, data):
     assert a.state_hash() != b.state_hash()
 
 
+def _open_then_fill(resting: list[tuple[str, int, int, int, int]]) -> Book:
+    """The per-event path a bulk load must equal: an open, then a fill of what was filled, per order."""
+    book = Book()
+    for key, side, price, qty, filled in resting:
+        book.apply(BookEvent("open", key, side, 1, price, qty))
+        if filled:
+            book.apply(BookEvent("fill", key, quantity=filled))
+    book.end_block()
+    return book
+
+
 @given(st.lists(st.tuples(st.sampled_from([BUY, SELL]), st.integers(1, 30), st.integers(2, 50),
                           st.integers(0, 49)), max_size=60))
 def test_bulk_load_of_resting_orders_equals_replaying_open_then_fill(rows: list[tuple[int, int, int, int]]) -> None:
     resting = [(f"o{i}", side, price, qty, min(filled, qty - 1)) for i, (side, price, qty, filled) in enumerate(rows)]
-    replayed = Book()
-    for key, side, price, qty, filled in resting:
-        replayed.apply(BookEvent("open", key, side, 1, price, qty))
-        if filled:
-            replayed.apply(BookEvent("fill", key, quantity=filled))
-    replayed.end_block()
+    replayed = _open_then_fill(resting)
     loaded = Book()
     loaded.load_resting(resting)
     assert loaded.state_hash() == replayed.state_hash()
@@ -358,12 +364,7 @@ def test_column_load_equals_replaying_open_then_fill(rows: list[tuple[int, int, 
     """Few prices, so orders share levels (sums and counts above 2**64), partial fills, a book that already has
     orders: the columns path must equal the per-event path, order objects and dict order included."""
     resting = [(f"o{i}", side, price, qty, filled % qty) for i, (side, price, qty, filled) in enumerate(rows)]
-    replayed = Book()
-    for key, side, price, qty, filled in resting:
-        replayed.apply(BookEvent("open", key, side, 1, price, qty))
-        if filled:
-            replayed.apply(BookEvent("fill", key, quantity=filled))
-    replayed.end_block()
+    replayed = _open_then_fill(resting)
     loaded = Book()
     head, tail = resting[:preloaded], resting[preloaded:]
     loaded.load_resting(head)
