@@ -178,12 +178,10 @@ _BULK_SQL = """
 
 def _bulk_rows(conn: Connection, sql: str, params: dict) -> Iterator[tuple[int, int, str | None]]:
     """Rows as the server produces them (psycopg single-row mode), so Python overlaps with the query."""
-    raw = conn.connection.driver_connection
-    if isinstance(raw, psycopg.Connection):
-        with raw.cursor() as cur:
-            yield from cur.stream(sql, params)
-    else:
-        yield from conn.exec_driver_sql(sql, params).tuples()
+    raw = conn.connection.driver_connection  # psycopg 3, the one driver of the project (storage/db.py)
+    assert isinstance(raw, psycopg.Connection), type(raw)
+    with raw.cursor() as cur:
+        yield from cur.stream(sql, params)
 
 
 def load_snapshot_books(conn: Connection, snapshots: dict[int, int],
