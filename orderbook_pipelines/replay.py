@@ -314,14 +314,12 @@ _cursor_ids = itertools.count()
 
 def _stream(conn: Connection, sql: str, params: dict[str, Any], batch: int = 5000) -> Iterator[tuple]:
     """Rows of a driver-level query through a server-side cursor, `batch` at a time, as plain tuples."""
-    raw = conn.connection.driver_connection
-    if isinstance(raw, psycopg.Connection):
-        with raw.cursor(name=f"obp_stream_{next(_cursor_ids)}") as cur:
-            cur.execute(sql, params)
-            while rows := cur.fetchmany(batch):
-                yield from rows
-    else:
-        yield from conn.execution_options(stream_results=True, yield_per=batch).exec_driver_sql(sql, params).tuples()
+    raw = conn.connection.driver_connection  # psycopg 3, the one driver of the project (storage/db.py)
+    assert isinstance(raw, psycopg.Connection), type(raw)
+    with raw.cursor(name=f"obp_stream_{next(_cursor_ids)}") as cur:  # server-side: a batch per round trip
+        cur.execute(sql, params)
+        while rows := cur.fetchmany(batch):
+            yield from rows
 
 
 def ingested_through(conn: Connection, chain_id: int | None = None, start_block: int | None = None) -> int | None:
