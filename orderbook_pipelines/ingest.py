@@ -15,6 +15,7 @@ from orderbook_pipelines import ingest_metrics
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.decoding import DecodedLog, Decoder, Rejected
+from orderbook_pipelines.gc_pause import gc_paused
 from orderbook_pipelines.normalize import metric_hashes_needed, normalize
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.projections import project_orders, project_positions, project_trades
@@ -63,6 +64,13 @@ def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> di
 @ingest_metrics.traced_range
 def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, start: int, end: int,
                  run_id: str | None = None, conn: Connection | None = None) -> RangeReport:
+    """Fetch, decode, normalize and write one range in one transaction (`conn`: the caller's, if given)."""
+    with gc_paused():  # ~100k parsed logs, args and rows per range, all acyclic (gc_pause.py)
+        return _ingest(config, chain, engine, start, end, run_id, conn)
+
+
+def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: int, end: int,
+            run_id: str | None, conn: Connection | None) -> RangeReport:
     given = conn  # the caller's transaction, if any (the name `conn` is rebound below)
     t0 = time.perf_counter()
     cid = config.chain.chain_id

@@ -11,14 +11,12 @@ the latest state, not the state at the snapshot block.
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ from sqlalchemy import Connection, Engine, text
 from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.book.model import BUY, SELL, Book, Level
 from orderbook_pipelines.config import PROJECT_ROOT
+from orderbook_pipelines.gc_pause import gc_paused
 from orderbook_pipelines.replay import (
     _MARKET_NAME,
     CanonicalEvent,
@@ -218,19 +217,6 @@ def load_snapshot_books(conn: Connection, snapshots: dict[int, int],
     return out
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """A bulk load allocates a million long-lived objects: generational collections in the middle of it only
-    re-scan them (about half the build time); one collection afterwards sees the same garbage."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def latest_snapshots(conn: Connection, market_ids: list[int], at_most: int | None,
                      strictly_before: bool = False) -> dict[int, list[StoredSnapshot]]:
     """Per market, its snapshots at or before the bound, newest first (callers take the first valid one)."""
@@ -294,7 +280,7 @@ def books_at(conn: Connection, block: int, market_ids: list[int] | None = None, 
     candidates = {mid: snaps.get(mid, [])[:3] for mid in ids}  # the newest few: an older one beats a full replay
     first = {mid: s.block_number for mid, lst in candidates.items()
              for s in lst[:1] if stored_hash.get(s.block_number) == s.block_hash}
-    with _gc_paused():
+    with gc_paused():
         loaded = load_snapshot_books(conn, first, traders)
         for mid in ids:
             base[mid] = None

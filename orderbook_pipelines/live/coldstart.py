@@ -12,6 +12,7 @@ import gc
 from sqlalchemy import Engine, text
 
 from orderbook_pipelines.book.model import Book
+from orderbook_pipelines.gc_pause import gc_paused
 from orderbook_pipelines.replay import ingested_through
 from orderbook_pipelines.snapshots import restore_books
 
@@ -43,12 +44,7 @@ def books_at(engine: Engine, chain_id: int, height: int, start_block: int,
     if height < start_block or market_ids == set():
         return {}
     ids = sorted(market_ids) if market_ids is not None else None
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         books = {m: book for m, (book, _b) in restore_books(engine, height, chain_id, ids).items()}
         gc.freeze()
-    finally:
-        if was:
-            gc.enable()
     return books
