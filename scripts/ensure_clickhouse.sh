@@ -48,11 +48,32 @@ if [[ -n "${CLICKHOUSE_URL:-}" ]]; then
     exit 0
 fi
 
+# A server that answers /ping may still be unusable: one this script started for another checkout whose
+# directory was deleted since keeps answering but cannot create a database. Probe with a real write.
+writes_ok() {
+    curl -fsS --max-time 5 --data-binary "CREATE DATABASE IF NOT EXISTS obp_probe" "$1/" >/dev/null 2>&1 &&
+        curl -fsS --max-time 5 --data-binary "DROP DATABASE IF EXISTS obp_probe" "$1/" >/dev/null 2>&1
+}
+
 URL="http://$HOST:$PORT"
 if ping_ok "$URL"; then
-    log "using the ClickHouse at $URL"
-    printf '%s\n' "$URL"
-    exit 0
+    if writes_ok "$URL"; then
+        log "using the ClickHouse at $URL"
+        printf '%s\n' "$URL"
+        exit 0
+    fi
+    orphans=""
+    for pid in $(pgrep -f 'clickhouse.*--config-file=.*/\.run/clickhouse/config\.xml' || true); do
+        cfg="$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^--config-file=//p' | head -n 1)"
+        [[ -n "$cfg" && ! -f "$cfg" ]] && orphans="$orphans $pid"
+    done
+    [[ -n "$orphans" ]] || die "the ClickHouse at $URL answers /ping but cannot create a database; fix it, or set
+  CLICKHOUSE_URL / OBP_CLICKHOUSE_PORT to another server."
+    log "stopping an orphaned clickhouse-server (pid$orphans: its checkout and data directory are gone)"
+    # shellcheck disable=SC2086
+    kill $orphans
+    for _ in $(seq 1 100); do ping_ok "$URL" || break; sleep 0.1; done
+    ping_ok "$URL" && die "the orphaned clickhouse-server at $URL did not stop"
 fi
 
 find_server() {
