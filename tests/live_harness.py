@@ -70,7 +70,28 @@ def reference_checksum(bids: list[tuple[int, int]], asks: list[tuple[int, int]],
     return zlib.crc32(":".join(parts).encode())
 
 
-class BookClient:
+class _Client:
+    """Reading a WebSocket until it is quiet; subclasses say what a frame means (`on_frame`)."""
+
+    ws: Any
+
+    def on_frame(self, raw: str) -> Any:
+        raise NotImplementedError
+
+    def drain(self, quiet_s: float = 0.5) -> None:
+        """Read until the server has been quiet for `quiet_s`."""
+        while True:
+            try:
+                raw = self.ws.recv(timeout=quiet_s)
+            except TimeoutError:
+                return
+            self.on_frame(raw)
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+class BookClient(_Client):
     """A client that follows the documented sync rule: snapshot, then deltas whose prev_seq equals the last seq;
     on a gap or a checksum mismatch it resubscribes."""
 
@@ -140,20 +161,11 @@ class BookClient:
             self.checksum_failures += 1
             self._resubscribe()
 
-    def drain(self, quiet_s: float = 0.5) -> None:
-        """Read until the server has been quiet for `quiet_s`."""
-        while True:
-            try:
-                raw = self.ws.recv(timeout=quiet_s)
-            except TimeoutError:
-                return
-            self.handle(json.loads(raw))
-
-    def close(self) -> None:
-        self.ws.close()
+    def on_frame(self, raw: str) -> None:
+        self.handle(json.loads(raw))
 
 
-class BatchBookClient:
+class BatchBookClient(_Client):
     """One connection, several book channels, following the sync rule per channel; with `batch` it opts into
     batched frames and records every frame, so tests can look at how messages were packed."""
 
@@ -185,7 +197,7 @@ class BatchBookClient:
         b, depth = self.books[key], key[1]
         return sorted(b["bids"].items(), key=lambda x: -x[0])[:depth], sorted(b["asks"].items())[:depth]
 
-    def handle_frame(self, raw: str) -> list[dict[str, Any]]:
+    def on_frame(self, raw: str) -> list[dict[str, Any]]:
         self.frames.append(raw)
         decoded = json.loads(raw)
         msgs = decoded if isinstance(decoded, list) else [decoded]
@@ -239,14 +251,3 @@ class BatchBookClient:
         self._send_sub("unsubscribe", key)
         self._send_sub("subscribe", key)
 
-    def drain(self, quiet_s: float = 0.5) -> None:
-        """Read until the server has been quiet for `quiet_s`."""
-        while True:
-            try:
-                raw = self.ws.recv(timeout=quiet_s)
-            except TimeoutError:
-                return
-            self.handle_frame(raw)
-
-    def close(self) -> None:
-        self.ws.close()

@@ -146,7 +146,7 @@ def test_slow_batched_consumer_is_resynced_counting_messages_then_disconnected(c
         last: list = []
         with pytest.raises(ConnectionClosed) as closed:
             while True:
-                last = c.handle_frame(c.ws.recv(timeout=10))
+                last = c.on_frame(c.ws.recv(timeout=10))
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
         assert [m.get("code") for m in last] == ["slow_consumer"]  # the error, alone in its array
         assert c.errors[-1]["code"] == "slow_consumer"
