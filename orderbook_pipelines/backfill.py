@@ -9,6 +9,7 @@ lock), which is also how a Dagster backfill with `max_concurrent_runs` > 1 runs 
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +42,6 @@ def _init(config: ProjectConfig, database_url: str) -> None:
 
 
 def _run(bounds: tuple[int, int], run_id: str | None = None) -> RangeOutcome:
-    import time
-
     assert _worker is not None, "worker not initialised"
     config, client, engine = _worker
     start, end = bounds

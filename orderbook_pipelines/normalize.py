@@ -81,7 +81,6 @@ class _Plan:
     """One event mapping resolved once per `normalize` call: argument names per canonical field, market rule."""
 
     kind: str
-    is_open: bool
     rule: str  # "emitter" | "metric_hash" | "tx" | other
     market_arg: str | None
     ids: tuple[str | None, ...]  # argument per _ID_FIELDS entry
@@ -92,7 +91,7 @@ def _plan(d: DecodedLog) -> _Plan:
     f = d.mapping.fields
     rule = d.mapping.market
     kind, arg = (("metric_hash", rule.split(":", 1)[1]) if rule.startswith("metric_hash:") else (rule, None))
-    return _Plan(d.mapping.kind.value, d.mapping.kind == EventKind.OPEN, kind, arg,
+    return _Plan(d.mapping.kind.value, kind, arg,
                  tuple(f.get(n) for n in _ID_FIELDS), tuple(f.get(n) for n in _VALUE_FIELDS))
 
 
@@ -121,7 +120,7 @@ def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int
             market_id = None
         oid, trader, cp, buy_id, sell_id, buyer, seller = [None if n is None else _id_text(a[n]) for n in plan.ids]
         side, order_type, price, quantity = [None if n is None else a[n] for n in plan.values]
-        if plan.is_open and order_type is None:
+        if plan.kind == EventKind.OPEN.value and order_type is None:
             order_type = ORDER_TYPE_MARKET if price == 0 else ORDER_TYPE_LIMIT
         row = OrderEventRow(chain_id, pos.block_number, pos.block_hash, pos.tx_hash, pos.tx_index, pos.log_index,
                             pos.address, market_id, d.source, d.event, plan.kind, oid, trader, cp, side, order_type,

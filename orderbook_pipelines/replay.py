@@ -12,7 +12,6 @@ same hashes on every machine, whatever PYTHONHASHSEED or dict order.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -20,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psycopg
 from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent, InvalidEvent
+from orderbook_pipelines.storage.db import stream_rows
 
 BOOK_KINDS = ("open", "fill", "cancel")
 _UINT = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -303,23 +302,10 @@ def stored_events(conn: Connection, *, after_block: int = -1, to_block: int | No
           AND (CAST(%(ids)s AS integer[]) IS NULL OR e.market_id = ANY(CAST(%(ids)s AS integer[])))
         ORDER BY e.block_number, e.log_index
     """
-    params = {"after": after_block, "to": to_block, "c": chain_id, "ids": ids}
-    for bn, li, bh, tx, mid, market, kind, contract, oid, trader, side, ot, price, qty in _stream(conn, sql, params):
+    rows = stream_rows(conn, sql, {"after": after_block, "to": to_block, "c": chain_id, "ids": ids})
+    for bn, li, bh, tx, mid, market, kind, contract, oid, trader, side, ot, price, qty in rows:
         yield CanonicalEvent(bn, li, bh, tx, market, mid, kind, contract, oid, trader, side, ot,
                              None if price is None else int(price), None if qty is None else int(qty))
-
-
-_cursor_ids = itertools.count()
-
-
-def _stream(conn: Connection, sql: str, params: dict[str, Any], batch: int = 5000) -> Iterator[tuple]:
-    """Rows of a driver-level query through a server-side cursor, `batch` at a time, as plain tuples."""
-    raw = conn.connection.driver_connection  # psycopg 3, the one driver of the project (storage/db.py)
-    assert isinstance(raw, psycopg.Connection), type(raw)
-    with raw.cursor(name=f"obp_stream_{next(_cursor_ids)}") as cur:  # server-side: a batch per round trip
-        cur.execute(sql, params)
-        while rows := cur.fetchmany(batch):
-            yield from rows
 
 
 def ingested_through(conn: Connection, chain_id: int | None = None, start_block: int | None = None) -> int | None:

@@ -176,7 +176,9 @@ _BULK_SQL = """
 
 
 def _bulk_rows(conn: Connection, sql: str, params: dict) -> Iterator[tuple[int, int, str | None]]:
-    """Rows as the server produces them (psycopg single-row mode), so Python overlaps with the query."""
+    """Rows as the server produces them (psycopg single-row mode), so Python overlaps with the query. Not
+    storage.db.stream_rows: a server-side cursor is planned for its first rows and made this load 1.6x slower
+    (bench/live.py coldstart)."""
     raw = conn.connection.driver_connection  # psycopg 3, the one driver of the project (storage/db.py)
     assert isinstance(raw, psycopg.Connection), type(raw)
     with raw.cursor() as cur:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 from yoyo import get_backend, read_migrations
 
@@ -26,6 +29,21 @@ def sqlalchemy_url(url: str) -> str:
 def libpq_url(url: str) -> str:
     """The same URL for psycopg/libpq (no SQLAlchemy driver suffix)."""
     return make_url(sqlalchemy_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+_cursor_ids = itertools.count()
+
+
+def stream_rows(conn: Connection, sql: str, params: dict[str, Any], batch: int = 5000) -> Iterator[tuple]:
+    """Positional rows of a driver-level query (psycopg `%(name)s` parameters) through a server-side cursor,
+    `batch` per round trip, inside `conn`'s transaction: millions of rows without holding them, and Python
+    works on one batch while the server produces the next (a small `batch` for a few large rows)."""
+    raw = conn.connection.driver_connection  # psycopg 3, the project's one driver (sqlalchemy_url)
+    assert isinstance(raw, psycopg.Connection), type(raw)
+    with raw.cursor(name=f"obp_stream_{next(_cursor_ids)}") as cur:
+        cur.execute(sql, params)
+        while rows := cur.fetchmany(batch):
+            yield from rows
 
 
 @lru_cache(maxsize=16)
