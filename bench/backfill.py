@@ -1,10 +1,10 @@
 """Benchmark 1 - backfill throughput: events/s from the RPC to committed Postgres rows.
 
-Ours: `ingest.ingest_range` + `ingest.project_range` (the path Dagster runs) over every block range of a chain
-carrying N events (default 1,000,000) in 1,000 markets, produced by the EventSpammer load generator with gen-1
-OrderRouter-shaped events (opens, partial fills, cancels), `--workers` ranges in flight in as many processes
-(`orderbook ingest --workers`, or a Dagster backfill with concurrent runs). The indexer sees the chain through
-configuration only.
+Ours: `ingestion.ingest.ingest_range` (events + projections in one transaction: the path Dagster runs) over every
+block range of a chain carrying N events (default 1,000,000) in 1,000 markets, produced by the EventSpammer load
+generator with gen-1 OrderRouter-shaped events (opens, partial fills, cancels), `--workers` ranges in flight in as
+many processes (`orderbook ingest --workers`, or a Dagster backfill with concurrent runs). The indexer sees the
+chain through configuration only.
 
 Baseline (same run): the naive path on a ~20,000-event slice - web3 contract event decoding
 (`contract.events.X().process_log`) plus one INSERT (autocommit) per event, like a webhook handler.
@@ -42,8 +42,8 @@ from bench.common import (
     postgres_cpu_s,
     process_cpu_s,
 )
-from orderbook_pipelines.backfill import run_ranges
 from orderbook_pipelines.devchain.deploy import artifact
+from orderbook_pipelines.ingestion.backfill import run_ranges
 from orderbook_pipelines.storage.db import engine_for, libpq_url
 from orderbook_pipelines.storage.writer import _EVENT_COLUMNS
 
@@ -69,22 +69,20 @@ def generate(chain: Anvil, spammer: Spammer, events: int, markets: int, opens: i
 
 
 def ours(config, db: str, start: int, end: int, range_size: int, workers: int, anvil_pid: int) -> dict:
-    """The path a Dagster backfill runs (ingest_range + project_range per range), `workers` ranges in flight."""
+    """The path a Dagster backfill runs (ingest_range per range, projections included), `workers` in flight."""
     ranges = [(s, min(end, s + range_size - 1)) for s in range(start, end + 1, range_size)]
     cpu0 = (process_cpu_s(anvil_pid), postgres_cpu_s(), own_cpu_s())
     t0 = time.perf_counter()
     events = 0
-    ingest_s = project_s = 0.0
+    ingest_s = 0.0
     unresolved = 0
     for out in run_ranges(config, db, ranges, workers, run_id="bench"):
         rep = out.report
         assert rep is not None, f"range {out.start}-{out.end} not final"
         ingest_s += rep.seconds
-        project_s += out.project_seconds
         events += rep.events
         unresolved += rep.unresolved_market
-        log(f"  range {out.start}-{out.end}: {rep.events} events, ingest {rep.seconds:.2f}s, "
-            f"project {out.project_seconds:.2f}s")
+        log(f"  range {out.start}-{out.end}: {rep.events} events, ingest + project {rep.seconds:.2f}s")
     total = time.perf_counter() - t0  # the worker pool has exited: its processes' CPU is in own_cpu_s()
     cpu = {k: b - a for k, a, b in zip(("node", "postgres", "indexer"), cpu0,
                                         (process_cpu_s(anvil_pid), postgres_cpu_s(), own_cpu_s()), strict=True)}
@@ -93,7 +91,7 @@ def ours(config, db: str, start: int, end: int, range_size: int, workers: int, a
             "SELECT status, count(*) FROM orders GROUP BY status").all())
         stored = conn.exec_driver_sql("SELECT count(*) FROM order_events").scalar_one()
         nmk = conn.exec_driver_sql("SELECT count(DISTINCT market_id) FROM order_events").scalar_one()
-    return {"events": int(events), "stored": stored, "seconds": total, "ingest_s": ingest_s, "project_s": project_s,
+    return {"events": int(events), "stored": stored, "seconds": total, "ingest_s": ingest_s,
             "unresolved": unresolved, "orders": counts, "markets": nmk, "cpu": cpu}
 
 
@@ -194,7 +192,7 @@ def main() -> None:
         log("naive baseline ...")
         nv = naive(chain, spammer.address, naive_db, spammer.start_block, slice_end, args.markets)
         log(f"naive: {nv['events']} events in {nv['seconds']:.1f}s")
-        log(f"ours: ingest_range + project_range, {args.workers} worker(s) ...")
+        log(f"ours: ingest_range (with projections), {args.workers} worker(s) ...")
         ob = ours(config, db, spammer.start_block, head, args.range_blocks, args.workers, chain.proc.pid)
         log("ceiling: COPY ...")
         cl = ceiling(db, copy_db, spammer.start_block, head)
@@ -204,7 +202,6 @@ def main() -> None:
         ours_eps = rep.figure("ours_events_per_s", ob["events"] / ob["seconds"], "events/s", **params,
                               seconds=round(ob["seconds"], 2))
         rep.figure("ours_ingest_seconds_summed_over_workers", ob["ingest_s"], "s", **params)
-        rep.figure("ours_projection_seconds_summed_over_workers", ob["project_s"], "s", **params)
         # Where the time goes: CPU seconds per event of each process group during "ours". On a machine with
         # `cores` cores no schedule beats events / (their sum / cores): the CPU-bound ceiling of this design.
         for k, v in ob["cpu"].items():

@@ -1,33 +1,52 @@
-"""Dagster definitions: the code location named in workspace.yaml."""
+"""Dagster definitions: the code location named in workspace.yaml. Assembly only; the executor is set here once.
 
-from dagster import Definitions, in_process_executor
+Resources take their settings from the environment through dg.EnvVar where the variable is set, so the UI
+shows which variable each value came from; unset, the same defaults as the CLI apply (config.EnvSettings).
+"""
 
-from orderbook_pipelines.assets.analytics import analytics_assets, analytics_job, market_registry_sensor
+import os
+
+import dagster as dg
+
+from orderbook_pipelines.assets.analytics import analytics_assets
+from orderbook_pipelines.assets.checks import asset_checks
 from orderbook_pipelines.assets.ingestion import ingestion_assets
-from orderbook_pipelines.assets.reconciliation import reconcile_job, reconciliation_assets
-from orderbook_pipelines.assets.snapshots import SnapshotStoreResource, snapshot_assets, snapshot_job
-from orderbook_pipelines.checks import asset_checks, check_job
-from orderbook_pipelines.jobs import ingest_job
-from orderbook_pipelines.maintenance import purge_dagster_runs, purge_schedule
-from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
-from orderbook_pipelines.resources.analytics import AnalyticsResource
+from orderbook_pipelines.assets.reconciliation import reconciliation_assets
+from orderbook_pipelines.assets.snapshots import snapshot_assets
+from orderbook_pipelines.jobs import all_jobs
+from orderbook_pipelines.resources import (
+    AnalyticsResource,
+    ChainResource,
+    PostgresResource,
+    SettingsResource,
+    SnapshotStoreResource,
+)
+from orderbook_pipelines.sensors.analytics import market_registry_sensor
 from orderbook_pipelines.sensors.chain_head import chain_head_sensor
+from orderbook_pipelines.sensors.maintenance import purge_schedule
 from orderbook_pipelines.sensors.reconciliation import reconcile_schedule, reorg_failure_sensor
 
-_settings = SettingsResource()
 
-defs = Definitions(
+def _env(name: str) -> str:
+    """dg.EnvVar(name) when the variable is set, else "" (the resource's own default applies)."""
+    return dg.EnvVar(name) if name in os.environ else ""  # type: ignore[return-value]
+
+
+_settings = SettingsResource(config_path=_env("OBP_CONFIG"))
+
+defs = dg.Definitions(
     assets=[*ingestion_assets, *snapshot_assets, *reconciliation_assets, *analytics_assets],
     asset_checks=asset_checks,
-    jobs=[ingest_job, snapshot_job, reconcile_job, check_job, purge_dagster_runs, analytics_job],
+    jobs=all_jobs,
     sensors=[chain_head_sensor, reorg_failure_sensor, market_registry_sensor],
     schedules=[reconcile_schedule, purge_schedule],
     resources={
         "settings": _settings,
         "chain": ChainResource(settings=_settings),
-        "postgres": PostgresResource(),
-        "snapshot_store": SnapshotStoreResource(),
-        "analytics": AnalyticsResource(),
+        "postgres": PostgresResource(database_url=_env("DATABASE_URL")),
+        "snapshot_store": SnapshotStoreResource(root=_env("OBP_SNAPSHOT_DIR")),
+        "analytics": AnalyticsResource(backend=_env("OBP_ANALYTICS"), duckdb_path=_env("OBP_ANALYTICS_DUCKDB"),
+                                       clickhouse_url=_env("CLICKHOUSE_URL")),
     },
-    executor=in_process_executor,
+    executor=dg.in_process_executor,
 )

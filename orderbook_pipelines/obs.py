@@ -166,10 +166,6 @@ def bootstrap() -> None:
     configure_logging()
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
-
-
 def new_id() -> str:
     return uuid.uuid4().hex[:16]
 

@@ -14,14 +14,16 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from orderbook_pipelines import ingest_metrics  # noqa: F401  (registers the ingestion metrics)
+from orderbook_pipelines.chain import metrics as rpc_metrics  # noqa: F401  (registers the RPC metrics)
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.exporter import contiguous_indexed, registry_for
-from orderbook_pipelines.ingest import ingest_range
+from orderbook_pipelines.ingestion import metrics as ingest_metrics  # noqa: F401  (registers the ingestion metrics)
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.live import metrics as live_metrics  # noqa: F401
-from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.quality.exporter import registry_for
+from orderbook_pipelines.storage.checkpoints import contiguous
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import Anvil, make_devchain, new_database
 
@@ -97,11 +99,12 @@ def test_every_alert_metric_exists_and_every_metric_is_documented() -> None:
     assert not undocumented, f"metrics missing from docs/observability.md: {undocumented}"
 
 
-def test_contiguous_indexed_stops_at_gaps() -> None:
-    assert contiguous_indexed([], 10) == -1
-    assert contiguous_indexed([(10, 19, 19), (20, 29, 25)], 10) == 25
-    assert contiguous_indexed([(10, 19, 19), (30, 39, 39)], 10) == 19  # 20-29 missing
-    assert contiguous_indexed([(20, 29, 29)], 10) == -1
+def test_contiguous_frontier_stops_at_gaps() -> None:
+    assert contiguous([], 10) is None
+    assert contiguous([(10, 19, 19), (20, 29, 25)], 10) == 25
+    assert contiguous([(10, 19, 19), (30, 39, 39)], 10) == 19  # 20-29 missing
+    assert contiguous([(10, 19, 15), (20, 29, 29)], 10) == 15  # a partial range stops it too
+    assert contiguous([(20, 29, 29)], 10) is None
 
 
 @pytest.fixture(scope="module")

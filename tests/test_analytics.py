@@ -21,19 +21,16 @@ from web3 import Web3
 
 from orderbook_pipelines.analytics import queries
 from orderbook_pipelines.analytics.sink import CANDLES, AnalyticsSink
-from orderbook_pipelines.assets.analytics import (
-    analytics_assets,
-    check_candles,
-    market_registry_sensor,
-    markets,
-)
+from orderbook_pipelines.assets.analytics import analytics_assets, check_candles
 from orderbook_pipelines.book.model import BUY, SELL
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
+from orderbook_pipelines.partitions import markets
 from orderbook_pipelines.resources import PostgresResource
 from orderbook_pipelines.resources.analytics import AnalyticsResource
+from orderbook_pipelines.sensors.analytics import market_registry_sensor
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 
@@ -50,7 +47,6 @@ def pg(simulated_chain: DevChain) -> Iterator[str]:
     safe = simulated_chain.anvil.w3.eth.block_number - c.confirmations
     for a, b in ranges_up_to(c.start_block, c.range_size, safe):
         ingest_range(cfg, client, engine, a, b)
-        project_range(engine, c.chain_id, a, b)
     _write_depth_snapshot(simulated_chain, db, safe)
     yield db
     drop_database(db)
@@ -144,7 +140,6 @@ def spread_pg(anvil_factory: type, tmp_path_factory: pytest.TempPathFactory) -> 
     client, engine = ChainClient(c.rpc_url), engine_for(db)
     for a, b in ranges_up_to(c.start_block, c.range_size, w3.eth.block_number - c.confirmations):
         ingest_range(chain.config, client, engine, a, b)
-        project_range(engine, c.chain_id, a, b)
     yield db
     drop_database(db)
 

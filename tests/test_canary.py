@@ -11,13 +11,14 @@ import yaml
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from orderbook_pipelines.canary import publishable_market_ids
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli import app
+from orderbook_pipelines.cli.app import app
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
+from orderbook_pipelines.quality.canary import publishable_market_ids
 from orderbook_pipelines.storage.db import engine_for
+from orderbook_pipelines.storage.projections import project_range
 from tests.conftest import Anvil, DevChain, make_devchain
 
 REQUIRED = 2
@@ -39,7 +40,6 @@ def chain_db(anvil_factory: type[Anvil], tmp_path: Path, database: str) -> tuple
     client = ChainClient(chain.anvil.url)
     for a, b in ranges:
         ingest_range(chain.config, client, engine_for(database), a, b)
-        project_range(engine_for(database), c.chain_id, a, b)
     return chain, database, ranges
 
 
@@ -91,7 +91,8 @@ def test_canary_is_published_after_consecutive_passing_ranges_only(chain_db: tup
     assert code == 1 and "SILVER_V1" in out, out
     assert silver not in _publishable(db)
     # Repaired (the projection recomputes it from events), then REQUIRED more passing ranges publish it.
-    project_range(engine_for(db), chain.config.chain.chain_id, 0, ranges[-1][1])
+    with engine_for(db).begin() as conn:
+        project_range(conn, chain.config.chain.chain_id, 0, ranges[-1][1])
     for i, (a, b) in enumerate(ranges[2 : 2 + REQUIRED]):
         assert silver not in _publishable(db), i
         code, out = _cli(chain, db, "check", "--from", str(a), "--to", str(b))

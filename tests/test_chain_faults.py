@@ -13,8 +13,8 @@ from sqlalchemy import text
 from orderbook_pipelines.chain.rpc import ChainClient, RpcError
 from orderbook_pipelines.config import load_config
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import RangeNotFinal, ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import RangeNotFinal, ranges_up_to
 from orderbook_pipelines.storage.db import engine_for
 from orderbook_pipelines.storage.writer import ReorgDetected
 from tests.conftest import Anvil, DevChain, make_devchain
@@ -88,7 +88,6 @@ def _ingest_all(chain: DevChain, db: str, client: ChainClient | None = None) -> 
     client = client or ChainClient(chain.anvil.url)
     for a, b in ranges_up_to(cfg.chain.start_block, cfg.chain.range_size, chain.anvil.w3.eth.block_number):
         ingest_range(cfg, client, engine_for(db), a, b)
-        project_range(engine_for(db), cfg.chain.chain_id, a, b)
 
 
 def test_a_real_reorg_fails_the_range_instead_of_writing_a_fork(small_chain: DevChain, database: str) -> None:

@@ -12,12 +12,15 @@ from dagster import AssetCheckEvaluation, DagsterInstance, Definitions, material
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from orderbook_pipelines.assets.checks import asset_checks
 from orderbook_pipelines.assets.ingestion import ingestion_assets
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.checks import BOOK_CHECK, INVARIANTS_CHECK, asset_checks, check_books, check_job
 from orderbook_pipelines.config import load_config
 from orderbook_pipelines.definitions import defs
-from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
+from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
+from orderbook_pipelines.jobs import check_job
+from orderbook_pipelines.partitions import block_ranges
+from orderbook_pipelines.quality.checks import BOOK_CHECK, INVARIANTS_CHECK, check_books
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
 from orderbook_pipelines.storage.db import drop_database, engine_for, libpq_url
 from tests.conftest import DevChain, new_database
@@ -181,7 +184,7 @@ def test_a_range_with_missing_history_is_not_evaluated(simulated_chain: DevChain
     db = new_database()
     try:
         a, b = _ranges(simulated_chain)[-1]
-        from orderbook_pipelines.ingest import ingest_range
+        from orderbook_pipelines.ingestion.ingest import ingest_range
 
         cfg = load_config(wide_config)
         ingest_range(cfg, ChainClient(simulated_chain.anvil.url), engine_for(db), a, b)

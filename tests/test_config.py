@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orderbook_pipelines.chain.decoding import Decoder
 from orderbook_pipelines.config import (
     PROJECT_ROOT,
     ConfigError,
@@ -17,7 +18,6 @@ from orderbook_pipelines.config import (
     load_config,
     parse_config,
 )
-from orderbook_pipelines.decoding import Decoder
 from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
 
 ARTIFACTS = PROJECT_ROOT / "contracts" / "artifacts"

@@ -10,7 +10,8 @@ from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_con
 
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.definitions import defs
-from orderbook_pipelines.partitions import block_ranges, parse_range_key, range_key, ranges_up_to
+from orderbook_pipelines.ingestion.ranges import parse_range_key, range_key, ranges_up_to
+from orderbook_pipelines.partitions import block_ranges
 from orderbook_pipelines.resources import ChainResource, SettingsResource
 from orderbook_pipelines.sensors.chain_head import chain_head_sensor, plan_tick
 from tests.conftest import DevChain
@@ -106,7 +107,7 @@ def test_committed_contract_artifacts_match_the_sources() -> None:
 def test_purge_job_deletes_old_runs_and_keeps_recent_ones() -> None:
     from dagster import DagsterInstance, RunsFilter, job, op
 
-    from orderbook_pipelines.maintenance import purge_dagster_runs
+    from orderbook_pipelines.jobs import purge_dagster_runs
 
     @op
     def noop() -> None:

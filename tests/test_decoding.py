@@ -12,9 +12,9 @@ from eth_utils import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orderbook_pipelines.chain.decoding import DecodedLog, Decoder, Rejected, event_topic
+from orderbook_pipelines.chain.normalize import MarketRegistry, normalize
 from orderbook_pipelines.config import ConfigError, parse_config
-from orderbook_pipelines.decoding import DecodedLog, Decoder, Rejected, event_topic
-from orderbook_pipelines.normalize import MarketRegistry, normalize
 from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
 
 UNREGISTERED = "0x" + "44" * 20
@@ -616,14 +616,43 @@ def test_normalize_unresolvable_metric_hash_gives_none(decoder):
     assert [r.market_id for r in rows] == [None, None]
 
 
-def test_normalize_ambiguous_tx_market_gives_none(decoder):
+def test_normalize_multi_market_tx_fill_takes_its_orders_market(decoder):
+    """A multicall places orders in two markets; each fill belongs to its own order's market, not to 'the tx'."""
     logs = [
         gen1_placed(order_id=1, metric="SILVER_V1", tx=TX_A, log_index=0),
         gen1_placed(order_id=2, metric="GOLD_V1", tx=TX_A, log_index=1),
-        gen1_executed(order_id=1, tx=TX_A, log_index=2),
+        gen1_executed(order_id=2, tx=TX_A, log_index=2),
+        gen1_executed(order_id=1, tx=TX_A, log_index=3),
     ]
     rows = normalize([decoded(decoder, lg) for lg in logs], REGISTRY, 31337)
-    assert [r.market_id for r in rows] == [SILVER_ID, GOLD_ID, None]
+    assert [r.market_id for r in rows] == [SILVER_ID, GOLD_ID, GOLD_ID, SILVER_ID]
+
+
+def test_normalize_fill_of_earlier_order_uses_the_order_lookup_over_the_tx(decoder):
+    """Order 7 (GOLD) was opened in an earlier batch; its fill shares a tx with a SILVER open only. The lookup
+    decides (asked once, only for orders the batch does not open); the tx's single market is not used."""
+    asked: list[set[str]] = []
+
+    def lookup(keys: set[str]) -> dict[str, int]:
+        asked.append(set(keys))
+        return {f"{ROUTER.lower()}:7": GOLD_ID}
+
+    logs = [gen1_placed(order_id=1, metric="SILVER_V1", tx=TX_A, log_index=0),
+            gen1_executed(order_id=7, tx=TX_A, log_index=1),
+            gen1_executed(order_id=1, tx=TX_A, log_index=2)]
+    rows = normalize([decoded(decoder, lg) for lg in logs], REGISTRY, 31337, lookup)
+    assert [r.market_id for r in rows] == [SILVER_ID, GOLD_ID, SILVER_ID]
+    assert asked == [{f"{ROUTER.lower()}:7"}]
+
+
+def test_normalize_unknown_order_falls_back_to_a_single_market_tx_only(decoder):
+    single = [gen1_placed(order_id=1, metric="SILVER_V1", tx=TX_A, log_index=0),
+              gen1_executed(order_id=9, tx=TX_A, log_index=1)]
+    multi = [gen1_placed(order_id=1, metric="SILVER_V1", tx=TX_A, log_index=0),
+             gen1_placed(order_id=2, metric="GOLD_V1", tx=TX_A, log_index=1),
+             gen1_executed(order_id=9, tx=TX_A, log_index=2)]
+    assert normalize([decoded(decoder, lg) for lg in single], REGISTRY, 31337, lambda k: {})[1].market_id == SILVER_ID
+    assert normalize([decoded(decoder, lg) for lg in multi], REGISTRY, 31337, lambda k: {})[2].market_id is None
 
 
 def test_normalize_gen2_order_type_from_price(decoder):

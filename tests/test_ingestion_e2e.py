@@ -15,8 +15,9 @@ from web3 import Web3
 from orderbook_pipelines.assets.ingestion import ingestion_assets
 from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent
 from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
+from orderbook_pipelines.partitions import block_ranges
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
@@ -165,9 +166,10 @@ def test_rerunning_a_range_changes_nothing(simulated_chain: DevChain, indexed: s
     result = materialize(ingestion_assets, partition_key=range_key(a, b), instance=instance,
                          resources=_resources(simulated_chain, indexed))
     assert result.success
-    mats = result.asset_materializations_for_node("order_events")
-    assert mats[0].metadata["events"].value > 0
-    assert mats[0].metadata["events_inserted"].value == 0
+    mats = {m.asset_key.to_user_string(): m for m in result.asset_materializations_for_node("ingest_block_range_op")}
+    assert set(mats) == {"order_events", "trades", "orders", "positions"}  # one unit of work, four assets
+    assert mats["order_events"].metadata["events"].value > 0
+    assert mats["order_events"].metadata["events_inserted"].value == 0
     after = [_table(indexed, q) for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL, "SELECT count(*) FROM order_events")]
     assert after == before
 
@@ -182,7 +184,6 @@ def test_ranges_in_reverse_order_converge_to_the_same_state(simulated_chain: Dev
         engine = engine_for(db)
         for a, b in reversed(_ranges(simulated_chain)):
             ingest_range(cfg, client, engine, a, b)
-            project_range(engine, cfg.chain.chain_id, a, b)
         for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL):
             assert _table(db, q) == _table(indexed, q)
     finally:
@@ -205,7 +206,6 @@ def test_ranges_ingested_concurrently_equal_the_sequential_state(simulated_chain
 
         def work(r: tuple[int, int]) -> int:
             report = ingest_range(cfg, ChainClient(cfg.chain.rpc_url), engine, *r)
-            project_range(engine, cfg.chain.chain_id, *r)
             return report.events
 
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -296,7 +296,7 @@ def test_a_fresh_partition_has_statistics_before_the_projections_plan(simulated_
 
 def test_parallel_backfill_workers_equal_the_sequential_state(simulated_chain: DevChain, indexed: str) -> None:
     """`orderbook ingest --workers 2`: ranges in two processes, outcomes reported in range order, same state."""
-    from orderbook_pipelines.backfill import run_ranges
+    from orderbook_pipelines.ingestion.backfill import run_ranges
 
     db = new_database()
     try:
@@ -315,8 +315,8 @@ def test_parallel_backfill_workers_equal_the_sequential_state(simulated_chain: D
 def test_parallel_backfill_surfaces_a_workers_rpc_failure_and_writes_nothing(simulated_chain: DevChain) -> None:
     """A worker process that cannot reach the node fails the whole run with the RPC's own words, not a hang or a
     pickling error, and nothing half-written is left behind."""
-    from orderbook_pipelines.backfill import run_ranges
     from orderbook_pipelines.chain.rpc import RpcError
+    from orderbook_pipelines.ingestion.backfill import run_ranges
 
     cfg = simulated_chain.config
     dead = cfg.model_copy(update={"chain": cfg.chain.model_copy(

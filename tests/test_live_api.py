@@ -19,10 +19,10 @@ from sqlalchemy import text
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import ingest_range, project_range
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.live.openapi import SPEC
 from orderbook_pipelines.live.service import LiveService
-from orderbook_pipelines.partitions import ranges_up_to
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import Anvil, DevChain, make_devchain, new_database
 from tests.live_harness import running_service, wait_until_current
@@ -37,7 +37,6 @@ def ingest_all(chain: DevChain, db: str) -> None:
     client = ChainClient(chain.anvil.url)
     for a, b in ranges_up_to(cfg.chain.start_block, cfg.chain.range_size, safe):
         ingest_range(cfg, client, engine_for(db), a, b)
-        project_range(engine_for(db), cfg.chain.chain_id, a, b)
 
 
 @contextmanager

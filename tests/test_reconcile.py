@@ -13,9 +13,9 @@ from web3 import Web3
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
-from orderbook_pipelines.reconcile import RepairCapExceeded, reconcile
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
+from orderbook_pipelines.ingestion.reconcile import RepairCapExceeded, reconcile
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import Anvil, DevChain, make_devchain, new_database
 from tests.test_ingestion_e2e import ORDERS_SQL, POSITIONS_SQL, TRADES_SQL
@@ -38,7 +38,6 @@ def _ingest(chain: DevChain, db: str, ranges: list[tuple[int, int]]) -> None:
     client = ChainClient(chain.anvil.url)
     for a, b in ranges:
         ingest_range(cfg, client, engine_for(db), a, b)
-        project_range(engine_for(db), cfg.chain.chain_id, a, b)
 
 
 def _all_ranges(chain: DevChain) -> list[tuple[int, int]]:
@@ -194,7 +193,8 @@ def test_dagster_ingestion_fails_on_the_fork_the_sensor_asks_for_reconciliation_
 
     from orderbook_pipelines.assets.ingestion import ingestion_assets
     from orderbook_pipelines.assets.reconciliation import chain_reconciliation
-    from orderbook_pipelines.partitions import block_ranges, range_key
+    from orderbook_pipelines.ingestion.ranges import range_key
+    from orderbook_pipelines.partitions import block_ranges
     from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
     from orderbook_pipelines.sensors.reconciliation import reorg_failure_sensor
 
@@ -231,7 +231,7 @@ def test_dagster_ingestion_fails_on_the_fork_the_sensor_asks_for_reconciliation_
 
 def test_repair_drops_depth_snapshots_built_on_the_replaced_history(forked: tuple[DevChain, str],
                                                                     tmp_path: Path) -> None:
-    from orderbook_pipelines.snapshots import build_snapshots, store_snapshots
+    from orderbook_pipelines.recovery.snapshots import build_snapshots, store_snapshots
 
     chain, db = forked
     stored = _stored_ranges(db)

@@ -17,12 +17,12 @@ from web3 import Web3
 
 from orderbook_pipelines.book.model import BUY, SELL
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli import app
+from orderbook_pipelines.cli.app import app
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
-from orderbook_pipelines.snapshots import build_snapshots, store_snapshots
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
+from orderbook_pipelines.recovery.snapshots import build_snapshots, store_snapshots
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 
@@ -63,7 +63,6 @@ def _ingest(chain: DevChain, db: str, ranges: list[tuple[int, int]]) -> None:
     engine, client = engine_for(db), ChainClient(cfg.chain.rpc_url)
     for a, b in ranges:
         ingest_range(cfg, client, engine, a, b)
-        project_range(engine, cfg.chain.chain_id, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def clean(simulated_chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", *args]
+    return [sys.executable, "-c", "from orderbook_pipelines.cli.app import app; app()", *args]
 
 
 def _wait_blocked(db: str, proc: subprocess.Popen, pattern: str) -> int:

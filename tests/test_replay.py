@@ -20,23 +20,23 @@ from typer.testing import CliRunner
 from web3 import Web3
 
 from orderbook_pipelines.book.model import BUY, SELL
-from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli import app
-from orderbook_pipelines.config import PROJECT_ROOT
-from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import ingest_range
-from orderbook_pipelines.partitions import ranges_up_to
-from orderbook_pipelines.replay import (
+from orderbook_pipelines.book.replay import (
     CanonicalEvent,
     MarketReplay,
     ReplayError,
     check_invariants,
     combined_hash,
-    export_events,
     replay,
 )
+from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.cli.app import app
+from orderbook_pipelines.config import PROJECT_ROOT
+from orderbook_pipelines.devchain.deploy import artifact
+from orderbook_pipelines.devchain.simulator import Simulator
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.storage.db import drop_database, engine_for
+from orderbook_pipelines.storage.events import export_events
 from tests.conftest import Anvil, DevChain, make_devchain, new_database
 
 LIMIT, MARKET = 1, 0
@@ -240,7 +240,7 @@ def _run(path: Path, seed: str | None = None) -> str:
         assert result.exit_code == 0, result.output
         return result.stdout
     env = {**os.environ, "PYTHONHASHSEED": seed}
-    proc = subprocess.run([sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", "replay", "run",
+    proc = subprocess.run([sys.executable, "-c", "from orderbook_pipelines.cli.app import app; app()", "replay", "run",
                            str(path)], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, check=True)
     return proc.stdout
 

@@ -30,8 +30,8 @@ from websockets.sync.client import connect
 from orderbook_pipelines import obs
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import ranges_up_to
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.storage.db import drop_database, engine_for, libpq_url, sqlalchemy_url
 from tests.conftest import PG_SERVER, Anvil, DevChain, make_devchain, new_database
 from tests.live_harness import running_service
@@ -47,7 +47,6 @@ def ingest_all(chain: DevChain, engine_url: str) -> None:
     try:
         for a, b in ranges_up_to(cfg.chain.start_block, cfg.chain.range_size, safe):
             ingest_range(cfg, client, eng, a, b)
-            project_range(eng, cfg.chain.chain_id, a, b)
     finally:
         eng.dispose()
 

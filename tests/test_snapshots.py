@@ -17,13 +17,13 @@ from sqlalchemy import text
 from web3 import Web3
 
 from orderbook_pipelines.assets.ingestion import ingestion_assets
-from orderbook_pipelines.assets.snapshots import SnapshotStoreResource, snapshot_assets
+from orderbook_pipelines.assets.snapshots import snapshot_assets
 from orderbook_pipelines.book.model import BUY, SELL, Book
 from orderbook_pipelines.devchain.deploy import artifact
-from orderbook_pipelines.ingest import ingest_range, project_range
-from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
-from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
-from orderbook_pipelines.snapshots import (
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
+from orderbook_pipelines.partitions import block_ranges
+from orderbook_pipelines.recovery.snapshots import (
     RetentionPolicy,
     apply_retention,
     books_at,
@@ -35,6 +35,7 @@ from orderbook_pipelines.snapshots import (
     restore_books,
     store_snapshots,
 )
+from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource, SnapshotStoreResource
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 
@@ -244,7 +245,6 @@ def test_retention_deletes_rows_orders_and_objects(simulated_chain: DevChain, tm
         client = ChainClient(cfg.chain.rpc_url)
         for a, b in _ranges(simulated_chain)[:6]:
             r = ingest_range(cfg, client, engine, a, b)
-            project_range(engine, cfg.chain.chain_id, a, b)
             store_snapshots(engine, build_snapshots(engine, r.processed_to)[0], tmp_path)
         before = _rows(db, "SELECT market_id, block_number, block_time FROM depth_snapshots")
         assert len(before) == 6 * 12

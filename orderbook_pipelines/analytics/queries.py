@@ -102,9 +102,3 @@ def ohlc_from_trades(sink: AnalyticsSink, market_id: int) -> pl.DataFrame:
              for name, secs in INTERVALS.items()]
     parts = [p for p in parts if p.height]
     return pl.concat(parts) if parts else pl.DataFrame()
-
-
-def table_stats(sink: AnalyticsSink, table: str, market_id: int, time_column: str) -> dict[str, object]:
-    df = sink.query(f"SELECT count(*) AS n, min({time_column}) AS lo, max({time_column}) AS hi FROM {table} "
-                    f"WHERE market_id = {_int(market_id)}")
-    return df.row(0, named=True)

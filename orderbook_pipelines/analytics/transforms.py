@@ -16,7 +16,10 @@ import polars as pl
 from sqlalchemy import Connection, text
 
 from orderbook_pipelines.analytics.sink import CANDLES, LIQUIDITY, TRADES
-from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent
+from orderbook_pipelines.book.model import BUY, SELL
+from orderbook_pipelines.book.replay import MarketReplay
+from orderbook_pipelines.storage.events import stored_events
+from orderbook_pipelines.storage.registry import MARKET_NAME_SQL
 
 INTERVALS: dict[str, int] = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 DEPTH_BANDS: tuple[tuple[str, float], ...] = (("0_5", 0.5), ("1", 1.0), ("2", 2.0))
@@ -28,22 +31,19 @@ class MarketRow:
     metric_id: str | None
     decimals: int
     status: str
-
-    @property
-    def label(self) -> str:
-        return self.metric_id or f"market {self.market_id}"
+    label: str  # the public name (storage.registry.MARKET_NAME_SQL)
 
 
 def market(conn: Connection, market_id: int) -> MarketRow:
-    r = conn.execute(text("SELECT market_id, metric_id, decimals, status FROM markets WHERE market_id = :m"),
-                     {"m": market_id}).one_or_none()
+    r = conn.execute(text(f"SELECT market_id, metric_id, decimals, status, {MARKET_NAME_SQL} AS name "
+                          "FROM markets m WHERE market_id = :m"), {"m": market_id}).one_or_none()
     if r is None:
         raise LookupError(f"market {market_id} is not in the markets table (partition key of a deleted market?)")
-    return MarketRow(r.market_id, r.metric_id, r.decimals, r.status)
+    return MarketRow(r.market_id, r.metric_id, r.decimals, r.status, r.name)
 
 
-_TRADES_SQL = """
-SELECT t.market_id, COALESCE(m.metric_id, m.metric_hash, m.address) AS metric_id, t.chain_id, t.block_number,
+_TRADES_SQL = f"""
+SELECT t.market_id, {MARKET_NAME_SQL} AS metric_id, t.chain_id, t.block_number,
        t.log_index, t.block_time, t.tx_hash, m.decimals, t.price::text AS price_raw, t.quantity::text AS quantity_raw,
        (t.price / power(10::numeric, m.decimals))::numeric(38,18) AS price,
        (t.quantity / power(10::numeric, m.decimals))::numeric(38,18) AS quantity,
@@ -182,32 +182,30 @@ def snapshots_from_depth_table(conn: Connection, market_id: int, decimals: int) 
 
 
 def snapshots_from_replay(conn: Connection, market_id: int, decimals: int, every_blocks: int) -> Iterator[Snapshot]:
-    """Replays the market's open/fill/cancel events through the shared Book model and samples the book at the
-    last event block of every `every_blocks`-block window (and at the final block)."""
+    """Replays the market's stored event stream (storage.events) through the shared book model and samples the
+    book at the last event block of every `every_blocks`-block window (and at the final block)."""
     scale = 10**decimals
-    book = Book()
-    rows = conn.execute(text(
-        "SELECT block_number, block_time, kind, contract || ':' || order_id AS oid, side, order_type, price, quantity "
-        "FROM order_events WHERE market_id = :m AND kind IN ('open','fill','cancel') "
-        "ORDER BY block_number, log_index"), {"m": market_id})
-    cur: tuple[int, datetime] | None = None
+    times = dict(conn.execute(text("SELECT DISTINCT block_number, block_time FROM order_events WHERE market_id = :m"),
+                              {"m": market_id}).all())
+    mr = MarketReplay()
+    cur: int | None = None
 
-    def snap(block: int, at: datetime) -> Snapshot:
-        return Snapshot(block, at, [(lv.price / scale, lv.quantity / scale) for lv in book.levels(BUY, 1 << 30)],
+    def snap(block: int) -> Snapshot:
+        book = mr.book
+        return Snapshot(block, times[block],
+                        [(lv.price / scale, lv.quantity / scale) for lv in book.levels(BUY, 1 << 30)],
                         [(lv.price / scale, lv.quantity / scale) for lv in book.levels(SELL, 1 << 30)])
 
-    for r in rows:
-        if cur is not None and r.block_number != cur[0]:
-            book.end_block()
-            if r.block_number // every_blocks != cur[0] // every_blocks:
-                yield snap(*cur)
-        cur = (r.block_number, r.block_time)
-        book.apply(BookEvent(r.kind, r.oid, r.side, r.order_type,
-                             None if r.price is None else int(r.price),
-                             None if r.quantity is None else int(r.quantity)))
+    for ev in stored_events(conn, market_ids=[market_id]):
+        if cur is not None and ev.block_number != cur:
+            mr.end_block(cur)
+            if ev.block_number // every_blocks != cur // every_blocks:
+                yield snap(cur)
+        cur = ev.block_number
+        mr.apply(ev)
     if cur is not None:
-        book.end_block()
-        yield snap(*cur)
+        mr.end_block(cur)
+        yield snap(cur)
 
 
 def liquidity(market_id: int, snapshots: Iterable[Snapshot], source: str) -> pl.DataFrame:

@@ -6,7 +6,6 @@ is idempotent and backfilling thousands of markets is thousands of small, indepe
 """
 
 
-import json
 from decimal import Decimal
 
 import polars as pl
@@ -17,28 +16,17 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
-    AssetSelection,
-    DefaultSensorStatus,
-    DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
     asset,
-    define_asset_job,
-    in_process_executor,
-    sensor,
 )
-from sqlalchemy import text
 
 from orderbook_pipelines.analytics import queries, transforms
 from orderbook_pipelines.analytics.sink import CANDLES, LIQUIDITY, MARKET_DAILY, TRADES, AnalyticsSink
-from orderbook_pipelines.resources import PostgresResource
-from orderbook_pipelines.resources.analytics import AnalyticsResource
+from orderbook_pipelines.partitions import markets
+from orderbook_pipelines.resources import AnalyticsResource, PostgresResource
 
 GROUP = "analytics"
-markets = DynamicPartitionsDefinition(name="markets")
 REPLAY_SAMPLE_BLOCKS = 100  # liquidity sampling grain when no depth_snapshots exist (one default block range)
 
 
@@ -245,36 +233,3 @@ def analytics_market_daily(context: AssetExecutionContext, analytics: AnalyticsR
 
 
 analytics_assets = [analytics_trades, analytics_candles, analytics_liquidity, analytics_market_daily]
-
-analytics_job = define_asset_job(
-    "analytics_market", selection=AssetSelection.groups(GROUP),
-    executor_def=in_process_executor, description="Rebuild one market's analytics rows (idempotent).")
-
-MAX_RUNS_PER_TICK = 20
-
-
-@sensor(job=analytics_job, minimum_interval_seconds=120, default_status=DefaultSensorStatus.RUNNING,
-        description="Adds a `markets` partition for every row of the market registry and requests a rebuild of "
-        "markets whose trades advanced since the last request (run key = market@last trade block).")
-def market_registry_sensor(context: SensorEvaluationContext, postgres: PostgresResource) -> SensorResult:
-    with postgres.engine().connect() as conn:
-        ids = [r[0] for r in conn.execute(text("SELECT market_id FROM markets ORDER BY market_id"))]
-        marks = dict(conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
-    return plan_markets_tick(context, ids, marks)
-
-
-def plan_markets_tick(context: SensorEvaluationContext, market_ids: list[int],
-                      trade_marks: dict[int, int]) -> SensorResult:
-    existing = set(context.instance.get_dynamic_partitions(markets.name))
-    keys = [str(m) for m in market_ids]
-    new = [k for k in keys if k not in existing]
-    seen = json.loads(context.cursor) if context.cursor else {}
-    requests = []
-    for m in market_ids:
-        mark = trade_marks.get(m)
-        if mark is None or seen.get(str(m)) == mark or len(requests) >= MAX_RUNS_PER_TICK:
-            continue
-        requests.append(RunRequest(partition_key=str(m), run_key=f"{m}@{mark}", tags={"obp/market": str(m)}))
-        seen[str(m)] = mark
-    return SensorResult(run_requests=requests, cursor=json.dumps(seen),
-                        dynamic_partitions_requests=[markets.build_add_request(new)] if new else [])

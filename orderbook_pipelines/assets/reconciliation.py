@@ -5,15 +5,15 @@ is repaired and then fails the run on purpose (the data is fixed, but it is an i
 a repair above the cap fails the run having touched nothing.
 """
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset, define_asset_job
+import dagster as dg
 
-from orderbook_pipelines.reconcile import ReconcileReport, RepairCapExceeded, reconcile
+from orderbook_pipelines.ingestion.reconcile import ReconcileReport, RepairCapExceeded, reconcile
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
 
 GROUP = "reconciliation"
 
 
-class ReconcileConfig(Config):
+class ReconcileConfig(dg.Config):
     """Run config; -1 / 0 mean 'use the project configuration' (reconciliation section)."""
 
     from_block: int = -1
@@ -26,7 +26,7 @@ class ReconcileConfig(Config):
 def _metadata(report: ReconcileReport) -> dict[str, object]:
     meta: dict[str, object] = dict(report.metadata())
     if report.mismatched:
-        meta["differences"] = MetadataValue.json([
+        meta["differences"] = dg.MetadataValue.json([
             {"range": d.key, "missing": d.missing, "extra": d.extra, "stored_events": d.stored_events,
              "chain_events": d.chain_events, "bad_blocks": [list(b) for b in d.bad_blocks[:5]],
              "markets": d.markets}
@@ -35,11 +35,11 @@ def _metadata(report: ReconcileReport) -> dict[str, object]:
     return meta
 
 
-@asset(group_name=GROUP,
+@dg.asset(group_name=GROUP,
        description="Recent stored block ranges re-checked against the chain (block hashes, logs per range and per "
        "market); differing ranges are deleted and re-ingested, and their projections rebuilt.")
-def chain_reconciliation(context: AssetExecutionContext, config: ReconcileConfig, settings: SettingsResource,
-                         chain: ChainResource, postgres: PostgresResource) -> MaterializeResult:
+def chain_reconciliation(context: dg.AssetExecutionContext, config: ReconcileConfig, settings: SettingsResource,
+                         chain: ChainResource, postgres: PostgresResource) -> dg.MaterializeResult:
     cfg = settings.load()
     try:
         report = reconcile(
@@ -52,10 +52,10 @@ def chain_reconciliation(context: AssetExecutionContext, config: ReconcileConfig
             run_id=context.run.run_id,
         )
     except RepairCapExceeded as exc:
-        raise Failure(description=f"RECONCILIATION STOPPED: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=f"RECONCILIATION STOPPED: {exc}", allow_retries=False) from exc
     if report.reorg:
         r = report.reorg
-        raise Failure(
+        raise dg.Failure(
             description=(f"REORG DEEPER THAN THE CONFIRMATION DEPTH ({cfg.chain.confirmations}) on chain "
                          f"{cfg.chain.chain_id}: {r.depth} stored block(s) from block {r.fork_block} were replaced "
                          f"(stored {r.old_hash}, chain now {r.new_hash}); ranges {', '.join(r.ranges)}. "
@@ -65,13 +65,6 @@ def chain_reconciliation(context: AssetExecutionContext, config: ReconcileConfig
             metadata=_metadata(report),
             allow_retries=False,
         )
-    return MaterializeResult(metadata=_metadata(report))
-
-
-reconcile_job = define_asset_job(
-    "reconcile_chain",
-    selection=[chain_reconciliation],
-    description="Re-check recent finalized ranges against the chain and repair what differs (see run config).",
-)
+    return dg.MaterializeResult(metadata=_metadata(report))
 
 reconciliation_assets = [chain_reconciliation]

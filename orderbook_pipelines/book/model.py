@@ -20,6 +20,12 @@ BUY, SELL = 0, 1
 MARKET = 0
 
 
+def order_key(contract: str, order_id: str) -> str:
+    """An order's identity across markets and contract generations: "<contract>:<order_id>" (the router for
+    gen-1 ids, the market contract for gen-2 hashes). SQL spells it storage.events.order_key_sql."""
+    return f"{contract}:{order_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class BookEvent:
     kind: str  # open | fill | cancel (other kinds are ignored)

@@ -8,7 +8,8 @@ shrinks the window (halving), and success grows it back, so a backfill neither s
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from tenacity import (
 from web3 import Web3
 from web3.providers.rpc import HTTPProvider
 
-from orderbook_pipelines import ingest_metrics
+from orderbook_pipelines.chain import metrics
+from orderbook_pipelines.config import Chain
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,26 @@ def _is_rate_limit(message: str) -> bool:
     return "rate limit" in m or "too many requests" in m
 
 
+def _observed(fn: Callable[[str, list[Any]], Any], method: str, params: list[Any]) -> Any:
+    """One JSON-RPC attempt with its count, latency, error class and, for getLogs, the window size."""
+    metrics.RPC_REQUESTS.labels(method).inc()
+    t0 = time.perf_counter()
+    try:
+        result = fn(method, params)
+    except Exception as exc:
+        metrics.RPC_ERRORS.labels(method, type(exc).__name__).inc()
+        if isinstance(exc, RangeTooLarge):
+            metrics.GETLOGS_REFUSED.inc()
+        raise
+    finally:
+        metrics.RPC_SECONDS.labels(method).observe(time.perf_counter() - t0)
+    if method == "eth_getLogs" and params and isinstance(params[0], dict) and "fromBlock" in params[0]:
+        blocks = int(params[0]["toBlock"], 16) - int(params[0]["fromBlock"], 16) + 1
+        metrics.GETLOGS_RANGE.observe(blocks)
+        metrics.GETLOGS_WINDOW.set(blocks)
+    return result
+
+
 class ChainClient:
     def __init__(self, rpc_url: str, timeout_s: float = 20.0, retries: int = 5, max_logs_range: int = 2000,
                  backoff_max_s: float = 8.0):
@@ -83,6 +105,12 @@ class ChainClient:
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "range_splits": 0}
         self.w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s},
                                     exception_retry_configuration=None))
+
+    @classmethod
+    def from_config(cls, chain: Chain, retries: int | None = None) -> ChainClient:
+        """The client every process builds from the `chain` section (`retries` overrides it: probes use 0-1)."""
+        return cls(chain.rpc_url, chain.rpc_timeout_s, chain.rpc_retries if retries is None else retries,
+                   chain.max_logs_range)
 
     # -- transport -----------------------------------------------------------------------------------------
     def _once(self, method: str, params: list[Any]) -> Any:
@@ -131,7 +159,7 @@ class ChainClient:
                 reraise=False,
             ):
                 with attempt:
-                    return ingest_metrics.observed_call(self._once, method, params)
+                    return _observed(self._once, method, params)
         except RetryError as exc:
             last = exc.last_attempt.exception()
             raise RpcError(f"{method} failed after {self.retries + 1} attempts: {last}") from last

@@ -1,35 +1,26 @@
 """Cold start of the live books from Postgres: the ingested frontier, then snapshot + replay up to it.
 
-The frontier and the books come from the recovery module (replay.ingested_through, snapshots.restore_books), so
-the live service, `orderbook snapshot restore` and the Dagster snapshots share one definition of both.
-Order keys are "<contract>:<order_id>".
+The frontier comes from storage/checkpoints.py and the books from recovery (snapshot + the stored event
+stream), so the live service, `orderbook snapshot restore` and the Dagster snapshots share one definition
+of both.
 """
 
 from __future__ import annotations
 
 import gc
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from orderbook_pipelines.book.model import Book
 from orderbook_pipelines.gc_pause import gc_paused
-from orderbook_pipelines.replay import ingested_through
-from orderbook_pipelines.snapshots import restore_books
+from orderbook_pipelines.recovery.snapshots import restore_books
+from orderbook_pipelines.storage import checkpoints
 
 
 def final_height(engine: Engine, chain_id: int, start_block: int) -> tuple[int, str | None]:
     """Highest block H such that every block in [start_block, H] is durably ingested, and its stored hash."""
     with engine.connect() as conn:
-        h = ingested_through(conn, chain_id, start_block)
-        if h is None:
-            return start_block - 1, None
-        row = conn.execute(text("SELECT hash FROM blocks WHERE chain_id = :c AND number = :n"),
-                           {"c": chain_id, "n": h}).first()
-    return h, (row.hash if row else None)
-
-
-def order_key(contract: str, order_id: str) -> str:
-    return f"{contract}:{order_id}"
+        return checkpoints.frontier_block(conn, chain_id, start_block)
 
 
 def books_at(engine: Engine, chain_id: int, height: int, start_block: int,

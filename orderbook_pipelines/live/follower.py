@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from orderbook_pipelines.book.model import BookEvent
+from orderbook_pipelines.book.model import BookEvent, order_key
+from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
-from orderbook_pipelines.decoding import DecodedLog, Decoder
-from orderbook_pipelines.ingest import log_addresses
+from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.live import metrics
-from orderbook_pipelines.live.coldstart import books_at, final_height, order_key
+from orderbook_pipelines.live.coldstart import books_at, final_height
 from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, MarketView
-from orderbook_pipelines.normalize import MarketRegistry, OrderEventRow, normalize
 from orderbook_pipelines.storage import registry as reg_store
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,7 @@ class Follower:
         self.registry_refresh_s = registry_refresh_s
         self.stats = FollowerStats()
         self.market_names: dict[int, str] = {}
-        self._registry = MarketRegistry({}, {})
-        self._addresses: list[str] = []
-        self._decoder: Decoder | None = None
+        self._reader: EventReader | None = None
         self._registry_at = 0.0
         self._stop = threading.Event()
         self.wake = threading.Event()  # set by the newHeads subscription, when there is one
@@ -84,13 +81,9 @@ class Follower:
             return
         cid = self.config.chain.chain_id
         with self.engine.begin() as conn:
-            if force:  # configured markets change with a restart; later refreshes only pick up new rows
-                reg_store.sync_configured_markets(conn, self.config)
-            self._registry = reg_store.load_registry(conn, cid)
-            addr_sources = log_addresses(self.config, reg_store.market_addresses(conn, cid))
+            # configured markets change with a restart; later refreshes only pick up new rows
+            self._reader = EventReader.load(conn, self.config, sync_markets=force)
             self.market_names = reg_store.market_names(conn, cid)
-        self._addresses = sorted(addr_sources)
-        self._decoder = Decoder(self.config, addr_sources)
         self._registry_at = time.monotonic()
 
     # -- start ----------------------------------------------------------------------------------------------
@@ -120,7 +113,8 @@ class Follower:
         start = self.books.head.number + 1
         if safe < start:
             return
-        logs = self.client.get_logs(start, safe, self._addresses) if self._addresses else []
+        assert self._reader is not None
+        logs = self._reader.fetch(self.client, start, safe)
         by_block: dict[int, list[dict]] = defaultdict(list)
         for lg in logs:
             by_block[int(lg["blockNumber"], 16)].append(lg)
@@ -162,16 +156,17 @@ class Follower:
             self.books.books[m] = book
         kept = [a.ref for a in self.books.applied if a.ref.number > h]
         final_to = (kept[0].number - 1) if kept else self.books.head.number
-        if final_to > h and self._addresses:
+        assert self._reader is not None
+        if final_to > h:
             by_block: dict[int, list[dict]] = defaultdict(list)
-            for lg in self.client.get_logs(h + 1, final_to, self._addresses):
+            for lg in self._reader.fetch(self.client, h + 1, final_to):
                 by_block[int(lg["blockNumber"], 16)].append(lg)
             for n in sorted(by_block):
                 ref = BlockRef(n, by_block[n][0]["blockHash"].lower(), "")
                 for m, evs in self._events(self._rows(by_block[n]), markets).items():
                     self.books.adopt_events(m, ref, evs)
         for ref in kept:
-            rows = self._rows(self.client.get_block_logs(ref.hash, self._addresses) if self._addresses else [])
+            rows = self._rows(self._reader.fetch_block(self.client, ref.hash))
             for m, evs in self._events(rows, markets).items():
                 self.books.adopt_events(m, ref, evs)
         for m in markets:
@@ -195,7 +190,8 @@ class Follower:
                 self._reorg(n - 1)
                 n = self.books.head.number + 1
                 continue
-            rows = self._rows(self.client.get_block_logs(hdr.hash, self._addresses) if self._addresses else [])
+            assert self._reader is not None
+            rows = self._rows(self._reader.fetch_block(self.client, hdr.hash))
             if self.owned is not None:
                 rows = [r for r in rows if r.market_id in self.owned]
             touched = self.books.apply_block(_ref(hdr), self._events(rows, self.owned))
@@ -257,9 +253,9 @@ class Follower:
 
     # -- decoding -------------------------------------------------------------------------------------------
     def _rows(self, logs: list[dict]) -> list[OrderEventRow]:
-        assert self._decoder is not None
-        decoded = [d for d in (self._decoder.decode(lg) for lg in logs) if isinstance(d, DecodedLog)]
-        return normalize(decoded, self._registry, self.config.chain.chain_id)
+        """Rows of the block's logs; a fill or cancel of an order opened earlier takes its book's market."""
+        assert self._reader is not None
+        return self._reader.rows(self._reader.decode(logs)[0], self.books.markets_of)
 
     @staticmethod
     def _events(rows: list[OrderEventRow], only: set[int] | None = None) -> dict[int, list[BookEvent]]:

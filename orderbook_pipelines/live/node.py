@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.live.cluster import Cluster, RedisFeed, owner_of
 from orderbook_pipelines.live.follower import Update
 from orderbook_pipelines.live.state import MarketView
-from orderbook_pipelines.normalize import OrderEventRow
 
 if TYPE_CHECKING:
     from orderbook_pipelines.live.service import LiveService

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import orjson
 import redis
 
+from orderbook_pipelines.book.model import order_key
+
 if TYPE_CHECKING:
     from orderbook_pipelines.live.follower import Update
     from orderbook_pipelines.live.state import LiveBooks
@@ -40,7 +42,7 @@ class RedisTier:
         for r in update.rows:
             if not r.trader or r.market_id is None or r.order_id is None or r.kind not in ("open", "fill", "cancel"):
                 continue
-            key, field = f"{self.prefix}orders:{r.trader}", f"{r.contract}:{r.order_id}"
+            key, field = f"{self.prefix}orders:{r.trader}", order_key(r.contract, r.order_id)
             book = books.books[r.market_id]
             resting = book.resting(field)
             if resting > 0:

@@ -60,7 +60,7 @@ class ServiceOptions:
 def publishable_markets(engine: Engine, chain_id: int) -> set[int]:
     """Active markets, plus canaries that passed their checks when the canary module decides (issue 4)."""
     try:
-        from orderbook_pipelines.canary import publishable_market_ids  # type: ignore[import-not-found]
+        from orderbook_pipelines.quality.canary import publishable_market_ids  # type: ignore[import-not-found]
     except ImportError:
         publishable_market_ids = None
     with engine.connect() as conn:
@@ -79,14 +79,14 @@ class LiveService:
         self.options = options or ServiceOptions(admin_token=os.environ.get("OBP_ADMIN_TOKEN"))
         self.hub = Hub(limits)
         c = config.chain
-        self.client = ChainClient(c.rpc_url, c.rpc_timeout_s, c.rpc_retries, c.max_logs_range)
+        self.client = ChainClient.from_config(c)
         self.redis = RedisTier(redis_url, redis_prefix) if redis_url else None
         self.follower = Follower(config, self.client, engine, self._from_follower, self.options.keep_blocks,
                                  self.options.poll_s)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.first_book_s: float | None = None
-        self.probe = ChainClient(c.rpc_url, c.rpc_timeout_s, 0, c.max_logs_range)  # independent view of the head
+        self.probe = ChainClient.from_config(c, retries=0)  # independent view of the head
         self.probed_head = -1
         self.heads: HeadWatcher | None = None
         self.node: ClusterNode | None = None

@@ -58,6 +58,20 @@ class LiveBooks:
         self.applied.clear()
         self.head = head
 
+    def markets_of(self, keys: set[str]) -> dict[str, int]:
+        """The market whose book holds each order key (chain.normalize's `order_markets` for the tip): an order
+        that is filled or cancelled rests in exactly one book until then."""
+        out: dict[str, int] = {}
+        todo = set(keys)
+        for market_id, book in self.books.items():
+            if not todo:
+                break
+            hit = todo & book.orders.keys()
+            if hit:
+                out.update(dict.fromkeys(hit, market_id))
+                todo -= hit
+        return out
+
     def apply_block(self, ref: BlockRef, events: dict[int, list[BookEvent]], final: bool = False) -> set[int]:
         """Apply one block on top of the head; returns the markets whose book changed."""
         if not final and self.head is not None and ref.parent_hash != self.head.hash:

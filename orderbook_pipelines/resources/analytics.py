@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 
-from dagster import ConfigurableResource
+import dagster as dg
 
 from orderbook_pipelines.analytics.sink import AnalyticsSink, open_sink
 from orderbook_pipelines.config import PROJECT_ROOT
 
 
-class AnalyticsResource(ConfigurableResource):
+class AnalyticsResource(dg.ConfigurableResource):
     """Opens a sink per use (DuckDB allows one writer process, so a run must not hold it longer than needed)."""
 
     backend: str = ""

@@ -19,8 +19,9 @@ from dagster import (
 
 from orderbook_pipelines.chain.rpc import RpcError
 from orderbook_pipelines.config import ConfigError
+from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
 from orderbook_pipelines.jobs import ingest_job
-from orderbook_pipelines.partitions import block_ranges, range_key, ranges_up_to
+from orderbook_pipelines.partitions import block_ranges
 from orderbook_pipelines.resources import ChainResource, SettingsResource
 
 MAX_RUNS_PER_TICK = 25

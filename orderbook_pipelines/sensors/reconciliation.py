@@ -10,8 +10,7 @@ from dagster import (
     run_failure_sensor,
 )
 
-from orderbook_pipelines.assets.reconciliation import reconcile_job
-from orderbook_pipelines.jobs import ingest_job
+from orderbook_pipelines.jobs import ingest_job, reconcile_job
 
 RECONCILE_EVERY_MINUTES = 10
 

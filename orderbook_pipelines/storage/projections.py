@@ -1,7 +1,12 @@
 """Orders, trades and positions projected from `order_events`, convergent whatever order ranges arrive in.
 
 Each projection recomputes the state of every key a range touched from *all* stored events of that key, so
-processing ranges out of order, twice, or concurrently ends in the same rows; nothing is incremented.
+processing ranges out of order, twice, or concurrently ends in the same rows; nothing is incremented. They
+run in the range's own transaction (ingestion/ingest.py), so a checkpoint never exists without them.
+
+Stored fills and cancels first take the market of their order (`_FILL_MARKETS*`): the rule of
+chain/normalize.py, applied to what is stored, so that a range whose order opens arrive later (out-of-order
+backfill, a concurrent range) still converges to the market the open names.
 """
 
 from __future__ import annotations
@@ -112,6 +117,45 @@ _POSITIONS = text("""
 # last. Serialized, each projection sees every event committed before it started, and any later event is
 # followed by its own projection. Fetching, decoding and COPY stay parallel; only these fast statements queue.
 _PROJECTION_LOCK = text("SELECT pg_advisory_xact_lock(727001)")
+
+
+# A fill or cancel belongs to the market of its order: rows of this range whose order is open elsewhere, and
+# rows elsewhere whose order opens in this range (the other half, for ranges projected before their opens).
+_FILL_MARKETS_OF_RANGE = text("""
+    UPDATE order_events f SET market_id = o.market_id
+    FROM order_events o
+    WHERE f.chain_id = :c AND f.block_number BETWEEN :s AND :e AND f.kind IN ('fill', 'cancel')
+      AND f.order_id IS NOT NULL
+      AND o.chain_id = :c AND o.kind = 'open' AND o.contract = f.contract AND o.order_id = f.order_id
+      AND o.market_id IS NOT NULL AND f.market_id IS DISTINCT FROM o.market_id
+""")
+_FILL_MARKETS_OF_OPENS = text("""
+    UPDATE order_events f SET market_id = o.market_id
+    FROM order_events o
+    WHERE o.chain_id = :c AND o.block_number BETWEEN :s AND :e AND o.kind = 'open' AND o.market_id IS NOT NULL
+      AND f.chain_id = :c AND f.kind IN ('fill', 'cancel') AND f.contract = o.contract AND f.order_id = o.order_id
+      AND f.market_id IS DISTINCT FROM o.market_id
+""")
+
+
+@dataclass(frozen=True)
+class RangeProjection:
+    fills_remarketed: int
+    trades_inserted: int
+    orders_touched: int
+    orders_changed: int
+    positions_changed: int
+
+
+def project_range(conn: Connection, chain_id: int, start: int, end: int) -> RangeProjection:
+    """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions)."""
+    conn.execute(_PROJECTION_LOCK)
+    p = _params(chain_id, start, end)
+    moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount + conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
+    t = project_trades(conn, chain_id, start, end)
+    o = project_orders(conn, chain_id, start, end)
+    pos = project_positions(conn, chain_id, start, end)
+    return RangeProjection(moved, t.rows, o.keys, o.rows, pos.rows)
 
 
 def _params(chain_id: int, start: int, end: int) -> dict[str, int]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
+from orderbook_pipelines.chain.normalize import MarketRegistry
 from orderbook_pipelines.config import Market, ProjectConfig
-from orderbook_pipelines.normalize import MarketRegistry
 
 
 def sync_configured_markets(conn: Connection, config: ProjectConfig) -> int:
@@ -107,12 +107,33 @@ def market_addresses(conn: Connection, chain_id: int) -> dict[str, str]:
     return {r.address: r.source for r in rows}
 
 
-def market_names(conn: Connection, chain_id: int) -> dict[int, str]:
-    """market_id -> public name (metric id; the metric hash or address while unregistered)."""
+# A market's public name: its metric id, else (while unregistered) its metric hash or contract address, else its id.
+# Names key replay hashes, snapshots, channels and Dagster partitions, so they never depend on identity values.
+MARKET_NAME_SQL = "COALESCE(m.metric_id, m.metric_hash, m.address, m.market_id::text)"
+
+
+def market_names(conn: Connection, chain_id: int | None = None, market_ids: list[int] | None = None) -> dict[int, str]:
+    """market_id -> public name (MARKET_NAME_SQL), for one chain (or all) and some markets (or all)."""
     rows = conn.execute(
-        text("SELECT market_id, metric_id, metric_hash, address FROM markets WHERE chain_id = :c"), {"c": chain_id}
-    ).all()
-    return {r.market_id: r.metric_id or r.metric_hash or r.address for r in rows}
+        text(f"SELECT market_id, {MARKET_NAME_SQL} AS name FROM markets m "
+             "WHERE (CAST(:c AS bigint) IS NULL OR chain_id = :c) "
+             "AND (CAST(:ids AS integer[]) IS NULL OR market_id = ANY(CAST(:ids AS integer[]))) ORDER BY market_id"),
+        {"c": chain_id, "ids": market_ids},
+    )
+    return {int(r.market_id): str(r.name) for r in rows}
+
+
+def resolve_market(conn: Connection, market: str) -> tuple[int, str]:
+    """A market given as id or metric id/hash/address -> (market_id, stable name)."""
+    row = conn.execute(
+        text(f"SELECT market_id, {MARKET_NAME_SQL} AS name FROM markets m "
+             "WHERE m.market_id::text = :m OR m.metric_id = :m OR m.metric_hash = lower(:m) OR m.address = lower(:m) "
+             "ORDER BY market_id LIMIT 1"),
+        {"m": market},
+    ).first()
+    if row is None:
+        raise LookupError(f"no market {market!r} (see `orderbook markets list`)")
+    return int(row.market_id), str(row.name)
 
 
 def market_statuses(conn: Connection, chain_id: int) -> dict[int, str]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import psycopg
 from sqlalchemy import Connection, text
 
+from orderbook_pipelines.chain.decoding import Rejected
+from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.chain.rpc import BlockHeader
-from orderbook_pipelines.decoding import Rejected
-from orderbook_pipelines.normalize import OrderEventRow
 
 _EVENT_COLUMNS = (
     "chain_id", "block_number", "block_hash", "block_time", "tx_hash", "tx_index", "log_index", "contract",

@@ -33,7 +33,7 @@ def _engine():  # type: ignore[no-untyped-def]
 def _market_id(market: str | None) -> int | None:
     if market is None:
         return None
-    from orderbook_pipelines.replay import resolve_market
+    from orderbook_pipelines.storage.registry import resolve_market
 
     with _engine().connect() as conn:
         try:
@@ -69,14 +69,14 @@ def snapshot_create(block: int | None = typer.Option(None, min=0, help="default:
                     full: bool = typer.Option(False, help="full replay instead of previous snapshot + events"),
                     retention: bool = typer.Option(True, help="apply the retention policy afterwards")) -> None:
     """Snapshot every market at a range boundary (what the depth_snapshots asset does per range)."""
-    from orderbook_pipelines.snapshots import (
-        NotIngested,
+    from orderbook_pipelines.recovery.snapshots import (
         RetentionPolicy,
         SnapshotSettings,
         apply_retention,
         build_snapshots,
         store_snapshots,
     )
+    from orderbook_pipelines.storage.checkpoints import NotIngested
 
     env = SnapshotSettings()
     engine = _engine()
@@ -100,7 +100,8 @@ def snapshot_restore(market: str = typer.Option(..., help="market id or metric i
                      depth: int = typer.Option(5, min=0, help="levels to print per side")) -> None:
     """Rebuild a book from the latest snapshot <= block plus the stored events after it; print its state hash."""
     from orderbook_pipelines.book.model import BUY, SELL
-    from orderbook_pipelines.snapshots import NotIngested, restore
+    from orderbook_pipelines.recovery.snapshots import restore
+    from orderbook_pipelines.storage.checkpoints import NotIngested
 
     mid = _market_id(market)
     assert mid is not None
@@ -126,8 +127,9 @@ def snapshot_restore(market: str = typer.Option(..., help="market id or metric i
 @snapshot_app.command("verify")
 def snapshot_verify(block: int | None = typer.Option(None, min=0)) -> None:
     """Every stored snapshot (row + Parquet object) and the restored books against a strict full replay."""
-    from orderbook_pipelines.replay import ReplayError
-    from orderbook_pipelines.snapshots import NotIngested, SnapshotSettings, verify
+    from orderbook_pipelines.book.replay import ReplayError
+    from orderbook_pipelines.recovery.snapshots import SnapshotSettings, verify
+    from orderbook_pipelines.storage.checkpoints import NotIngested
 
     t0 = time.perf_counter()
     try:
@@ -148,7 +150,7 @@ def replay_export(out: Path = typer.Option(..., help="JSON-lines file to write (
                   market: str | None = typer.Option(None, help="market id or metric id (default: all)"),
                   to_block: int | None = typer.Option(None, min=0, help="default: the ingested frontier")) -> None:
     """Write the canonical stored event stream (open/fill/cancel, chain order, integers as decimal strings)."""
-    from orderbook_pipelines.replay import export_events
+    from orderbook_pipelines.storage.events import export_events
 
     engine = _engine()
     try:
@@ -169,7 +171,7 @@ def replay_export(out: Path = typer.Option(..., help="JSON-lines file to write (
 def replay_run(file: Path = typer.Argument(..., help="JSON-lines file written by `orderbook replay export`"),
                check: bool = typer.Option(True, help="check the book invariants after every block")) -> None:
     """Replay a file into books; print one state hash per market and the combined hash."""
-    from orderbook_pipelines.replay import ReplayError, replay_file
+    from orderbook_pipelines.book.replay import ReplayError, replay_file
 
     if not file.is_file():
         _fail(f"{file}: no such file")

@@ -19,12 +19,13 @@ from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
-from orderbook_pipelines.decoding import DecodedLog, Decoder
-from orderbook_pipelines.ingest import RangeNotFinal, ingest_range, log_addresses
-from orderbook_pipelines.normalize import normalize
-from orderbook_pipelines.partitions import range_key
-from orderbook_pipelines.storage import registry
-from orderbook_pipelines.storage.projections import project_orders, project_positions, project_trades
+from orderbook_pipelines.ingestion.ingest import ingest_range
+from orderbook_pipelines.ingestion.ranges import RangeNotFinal, range_key
+from orderbook_pipelines.ingestion.reader import EventReader
+from orderbook_pipelines.storage import checkpoints
+from orderbook_pipelines.storage.checkpoints import Checkpoint
+from orderbook_pipelines.storage.events import open_markets
+from orderbook_pipelines.storage.projections import project_orders, project_positions
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,6 @@ class RepairCapExceeded(RuntimeError):
 
 class ReconcileBusy(RuntimeError):
     """Another reconciliation holds the lock."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    range_start: int
-    range_end: int
-    processed_to: int
 
 
 @dataclass
@@ -129,33 +123,6 @@ class ReconcileReport:
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
-def checkpoints(conn: Connection, chain_id: int, start: int | None = None, end: int | None = None,
-                last: int | None = None) -> list[Checkpoint]:
-    """Stored ranges overlapping [start, end], or the `last` N ranges; ascending."""
-    if start is not None or end is not None:
-        rows = conn.execute(
-            text("""SELECT range_start, range_end, processed_to FROM ingestion_checkpoints
-                    WHERE chain_id = :c AND range_end >= :s AND range_start <= :e ORDER BY range_start"""),
-            {"c": chain_id, "s": start if start is not None else 0, "e": end if end is not None else 2**62},
-        ).all()
-    else:
-        rows = conn.execute(
-            text("""SELECT * FROM (SELECT range_start, range_end, processed_to FROM ingestion_checkpoints
-                    WHERE chain_id = :c ORDER BY range_start DESC LIMIT :n) t ORDER BY range_start"""),
-            {"c": chain_id, "n": last or 1},
-        ).all()
-    return [Checkpoint(*r) for r in rows]
-
-
-def _previous(conn: Connection, chain_id: int, cp: Checkpoint) -> Checkpoint | None:
-    r = conn.execute(
-        text("""SELECT range_start, range_end, processed_to FROM ingestion_checkpoints
-                WHERE chain_id = :c AND range_start < :s ORDER BY range_start DESC LIMIT 1"""),
-        {"c": chain_id, "s": cp.range_start},
-    ).first()
-    return Checkpoint(*r) if r else None
-
-
 def _block_diffs(conn: Connection, chain: ChainClient, chain_id: int, lo: int, hi: int,
                  head: int) -> list[tuple[int, str, str | None]]:
     stored = {r.number: r.hash for r in conn.execute(
@@ -172,22 +139,14 @@ def _block_diffs(conn: Connection, chain: ChainClient, chain_id: int, lo: int, h
 
 
 def diff_range(config: ProjectConfig, chain: ChainClient, conn: Connection, cp: Checkpoint, head: int,
-               decoder: Decoder, addresses: list[str]) -> RangeDiff:
+               reader: EventReader) -> RangeDiff:
     """Compare one stored range with the chain: block hashes, then every log (decoded or rejected)."""
     cid = config.chain.chain_id
     d = RangeDiff(cp.range_start, cp.range_end, cp.processed_to)
     d.bad_blocks = _block_diffs(conn, chain, cid, cp.range_start, cp.processed_to, head)
-    top = min(cp.processed_to, head)
-    logs = chain.get_logs(cp.range_start, top, addresses) if addresses and top >= cp.range_start else []
-    decoded: list[DecodedLog] = []
-    chain_rejected: set[tuple[int, int, str]] = set()
-    for raw in logs:
-        x = decoder.decode(raw)
-        if isinstance(x, DecodedLog):
-            decoded.append(x)
-        else:
-            chain_rejected.add((x.pos.block_number, x.pos.log_index, x.pos.block_hash))
-    rows = normalize(decoded, registry.load_registry(conn, cid), cid)
+    decoded, rejected = reader.decode(reader.fetch(chain, cp.range_start, min(cp.processed_to, head)))
+    chain_rejected = {(x.pos.block_number, x.pos.log_index, x.pos.block_hash) for x in rejected}
+    rows = reader.rows(decoded, lambda keys: open_markets(conn, cid, keys))
     chain_events = {(r.block_number, r.log_index, r.block_hash): r.market_id for r in rows}
     p = {"c": cid, "s": cp.range_start, "e": cp.range_end}
     stored_events = {(r.block_number, r.log_index, r.block_hash): r.market_id for r in conn.execute(
@@ -331,18 +290,17 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
     cid = config.chain.chain_id
     head = chain.block_number()
     with engine.connect() as conn:
-        scope = checkpoints(conn, cid, start, end, None if start is not None or end is not None else lookback)
-        addr_sources = log_addresses(config, registry.market_addresses(conn, cid))
-        decoder = Decoder(config, addr_sources)
-        addresses = sorted(addr_sources)
-        diffs = [diff_range(config, chain, conn, cp, head, decoder, addresses) for cp in scope]
+        scope = checkpoints.in_scope(conn, cid, start, end,
+                                     None if start is not None or end is not None else lookback)
+        reader = EventReader.load(conn, config, sync_markets=False)
+        diffs = [diff_range(config, chain, conn, cp, head, reader) for cp in scope]
         # A fork that began before the scope: walk back until a range's last block agrees with the chain.
         while scope:
-            prev = _previous(conn, cid, scope[0])
+            prev = checkpoints.previous(conn, cid, scope[0])
             if prev is None or not _block_diffs(conn, chain, cid, prev.processed_to, prev.processed_to, head):
                 break
             scope.insert(0, prev)
-            diffs.insert(0, diff_range(config, chain, conn, prev, head, decoder, addresses))
+            diffs.insert(0, diff_range(config, chain, conn, prev, head, reader))
     report.ranges_checked = len(diffs)
     report.diffs = diffs
     report.reorg = _reorg_of(diffs)
@@ -372,8 +330,9 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
 
 def _repair_range(config: ProjectConfig, chain: ChainClient, engine: Engine, report: ReconcileReport,
                   cp: Checkpoint, run_id: str | None) -> None:
-    """Delete, re-ingest and re-project one range in ONE transaction: a crash or an RPC failure midway
-    leaves the old rows (and the checkpoint that makes reconciliation look again), never a hole."""
+    """Delete, re-ingest and re-project one range in ONE transaction (ingest_range projects it): a crash or an
+    RPC failure midway leaves the old rows (and the checkpoint that makes reconciliation look again), never a
+    hole."""
     cid = config.chain.chain_id
     with engine.begin() as conn:
         events, rejected, order_keys, traders = _delete_range(conn, cid, cp)
@@ -383,10 +342,6 @@ def _repair_range(config: ProjectConfig, chain: ChainClient, engine: Engine, rep
             # The chain is now shorter than what we had stored as final: nothing of this range is final any more.
             report.ranges_not_final.append(range_key(cp.range_start, cp.range_end))
             r = None
-        if r is not None:
-            project_trades(conn, cid, cp.range_start, cp.range_end)
-            project_orders(conn, cid, cp.range_start, cp.range_end)
-            project_positions(conn, cid, cp.range_start, cp.range_end)
         o, p = _rebuild_keys(conn, cid, order_keys, traders)
     report.events_deleted += events
     report.rejected_deleted += rejected

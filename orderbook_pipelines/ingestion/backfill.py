@@ -9,7 +9,6 @@ lock), which is also how a Dagster backfill with `max_concurrent_runs` > 1 runs 
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from sqlalchemy import Engine
 
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
-from orderbook_pipelines.ingest import RangeNotFinal, RangeReport, ingest_range, project_range
+from orderbook_pipelines.ingestion.ingest import RangeReport, ingest_range
+from orderbook_pipelines.ingestion.ranges import RangeNotFinal
 from orderbook_pipelines.storage.db import engine_for
 
 
@@ -27,8 +27,6 @@ class RangeOutcome:
     start: int
     end: int
     report: RangeReport | None  # None when the range was not final yet
-    projected: dict[str, int]
-    project_seconds: float
 
 
 _worker: tuple[ProjectConfig, ChainClient, Engine] | None = None
@@ -36,38 +34,35 @@ _worker: tuple[ProjectConfig, ChainClient, Engine] | None = None
 
 def _init(config: ProjectConfig, database_url: str) -> None:
     global _worker
-    c = config.chain
-    _worker = (config, ChainClient(c.rpc_url, c.rpc_timeout_s, c.rpc_retries, c.max_logs_range),
-               engine_for(database_url))
+    _worker = (config, ChainClient.from_config(config.chain), engine_for(database_url))
 
 
-def _run(bounds: tuple[int, int], run_id: str | None = None) -> RangeOutcome:
+def _run(bounds: tuple[int, int], run_id: str | None = None, upto: int | None = None) -> RangeOutcome:
     assert _worker is not None, "worker not initialised"
     config, client, engine = _worker
     start, end = bounds
     try:
-        report = ingest_range(config, client, engine, start, end, run_id=run_id)
+        report = ingest_range(config, client, engine, start, end, run_id=run_id, upto=upto)
     except RangeNotFinal:
-        return RangeOutcome(start, end, None, {}, 0.0)
-    t = time.perf_counter()
-    projected = project_range(engine, config.chain.chain_id, start, end)
-    return RangeOutcome(start, end, report, projected, time.perf_counter() - t)
+        return RangeOutcome(start, end, None)
+    return RangeOutcome(start, end, report)
 
 
 def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int, int]], workers: int = 1,
-               run_id: str | None = None) -> Iterator[RangeOutcome]:
-    """Ingest and project `ranges`, yielding outcomes in range order; the first error stops the run.
+               run_id: str | None = None, upto: int | None = None) -> Iterator[RangeOutcome]:
+    """Ingest `ranges` (each with its projections; nothing beyond block `upto`), yielding outcomes in range
+    order; the first error stops the run.
 
     With `workers` == 1 everything runs in this process (no pickling, same stack traces as Dagster's).
     """
     if workers <= 1:
         _init(config, database_url)
         for r in ranges:
-            yield _run(r, run_id)
+            yield _run(r, run_id, upto)
         return
     ctx = mp.get_context("spawn")  # no fork of a process holding connections and threads
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(config, database_url)) as pool:
-        futures = [pool.submit(_run, r, run_id) for r in ranges]
+        futures = [pool.submit(_run, r, run_id, upto) for r in ranges]
         try:
             for f in futures:
                 yield f.result()

@@ -1,74 +1,34 @@
-"""Asset checks on the `orders` asset: the indexed book must equal the chain, and book invariants must hold.
+"""Book and invariant checks of stored ranges: the indexed book must equal the chain, and must be sane.
 
-`book_equals_chain` rebuilds each sampled market's book from stored events up to the range's processed block
-with the shared book model and compares it with the contract's own views called AT THAT BLOCK (bestBid,
+`check_books` rebuilds each sampled market's book from the stored event stream up to the range's processed
+block with the shared book model and compares it with the contract's own views called AT THAT BLOCK (bestBid,
 bestAsk, getLevels; getOrder for a sample of open orders). View ABIs come from each source's configured ABI
-file. `order_invariants` checks in SQL what must never happen whatever the chain says. Both record a row per
-market and range in `market_checks`, which is what canary markets need to become publishable. Both are
-blocking: downstream assets of `orders` (snapshots, analytics) do not run on a failed range.
+file. `check_invariants` checks in SQL what must never happen whatever the chain says. Both record a row per
+market and range in `market_checks`, which is what canary markets need to become publishable; the Dagster
+asset checks (assets/checks.py) block downstream assets on a failed range.
 """
 
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagster import (
-    AssetCheckExecutionContext,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetSelection,
-    MetadataValue,
-    asset_check,
-    define_asset_job,
-    in_process_executor,
-)
-from eth_abi import decode as abi_decode
-from eth_abi import encode as abi_encode
-from eth_utils import keccak
 from sqlalchemy import Connection, Engine, text
 
-from orderbook_pipelines import canary
-from orderbook_pipelines.assets.ingestion import orders
-from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent
+from orderbook_pipelines.book.model import BUY, SELL, Book, order_key
+from orderbook_pipelines.book.replay import replay
+from orderbook_pipelines.chain.decoding import canonical_type
 from orderbook_pipelines.chain.rpc import ChainClient, RpcError
+from orderbook_pipelines.chain.views import ContractViews, NoContractCode
 from orderbook_pipelines.config import ProjectConfig
-from orderbook_pipelines.decoding import _canonical_type
-from orderbook_pipelines.ingest import log_addresses
-from orderbook_pipelines.partitions import block_ranges, parse_range_key
-from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
-from orderbook_pipelines.storage import registry
+from orderbook_pipelines.ingestion.reader import log_addresses
+from orderbook_pipelines.quality import canary
+from orderbook_pipelines.storage import checkpoints, registry
+from orderbook_pipelines.storage.events import stored_events
 
 BOOK_CHECK = "book_equals_chain"
 INVARIANTS_CHECK = "order_invariants"
 OPEN_STATUS = 1  # getOrder status of a resting order, in every known generation (1 open, 2 filled, 3 cancelled)
 _QTY_OUTPUTS = ("quantity", "size")
-
-
-class NoContractCode(RpcError):
-    """The view returned nothing: no contract at that address yet at that block."""
-
-
-class ContractViews:
-    """eth_call of view functions described by a configured ABI, at a given block, through the ChainClient."""
-
-    def __init__(self, chain: ChainClient, abi: list[dict]):
-        self.chain = chain
-        self.fns = {e["name"]: e for e in abi if e.get("type") == "function"}
-
-    def has(self, *names: str) -> bool:
-        return all(n in self.fns for n in names)
-
-    def outputs(self, name: str) -> list[str]:
-        return [o.get("name", "") for o in self.fns[name]["outputs"]]
-
-    def call(self, address: str, name: str, args: list[Any], block: int) -> tuple:
-        fn = self.fns[name]
-        in_types = [_canonical_type(i) for i in fn["inputs"]]
-        data = keccak(text=f"{name}({','.join(in_types)})")[:4] + abi_encode(in_types, args)
-        out = self.chain.call("eth_call", [{"to": address, "data": "0x" + data.hex()}, hex(block)])
-        if out in (None, "0x"):
-            raise NoContractCode(f"{address} has no code (or returned nothing) for {name} at block {block}")
-        return tuple(abi_decode([_canonical_type(o) for o in fn["outputs"]], bytes.fromhex(out[2:])))
 
 
 @dataclass
@@ -98,25 +58,6 @@ class CheckReport:
         return not self.failed and not any(self.violations.values())
 
 
-def processed_block(conn: Connection, chain_id: int, start: int) -> int | None:
-    return conn.execute(text("SELECT processed_to FROM ingestion_checkpoints WHERE chain_id = :c AND range_start = :s"),
-                        {"c": chain_id, "s": start}).scalar()
-
-
-def history_gap(conn: Connection, chain_id: int, start_block: int, block: int) -> str | None:
-    """Why the stored history up to `block` is incomplete (a book needs all of it), or None if complete."""
-    expected = start_block
-    for r in conn.execute(
-        text("""SELECT range_start, range_end, processed_to FROM ingestion_checkpoints
-                WHERE chain_id = :c AND range_start <= :b ORDER BY range_start"""), {"c": chain_id, "b": block}):
-        if r.range_start > expected:
-            return f"blocks {expected}-{r.range_start - 1} are not ingested"
-        if r.processed_to < min(r.range_end, block):
-            return f"range {r.range_start}-{r.range_end} is ingested only to block {r.processed_to}"
-        expected = r.range_end + 1
-    return None
-
-
 def _views_by_source(config: ProjectConfig, chain: ChainClient) -> dict[str, ContractViews]:
     return {s.name: ContractViews(chain, s.abi_entries) for s in config.sources}
 
@@ -138,26 +79,11 @@ def sample_markets(conn: Connection, config: ProjectConfig, views: dict[str, Con
 
 
 def rebuild_books(conn: Connection, chain_id: int, market_ids: list[int], block: int) -> dict[int, Book]:
-    """Books of the given markets from every stored open/fill/cancel up to `block`, in chain order."""
-    books: dict[int, Book] = {m: Book() for m in market_ids}
-    last_block: dict[int, int] = {}
-    result = conn.execution_options(stream_results=True, yield_per=20_000).execute(
-        text("""SELECT market_id, block_number, kind, contract || ':' || order_id AS oid, side, order_type, price,
-                       quantity
-                FROM order_events WHERE chain_id = :c AND market_id = ANY(:m) AND block_number <= :b
-                  AND kind IN ('open', 'fill', 'cancel') AND order_id IS NOT NULL
-                ORDER BY block_number, log_index"""),
-        {"c": chain_id, "m": market_ids, "b": block},
-    )
-    for r in result:
-        book = books[r.market_id]
-        if last_block.get(r.market_id, r.block_number) != r.block_number:
-            book.end_block()
-        last_block[r.market_id] = r.block_number
-        price = None if r.price is None else int(r.price)
-        book.apply(BookEvent(r.kind, r.oid, r.side, r.order_type, price,
-                             None if r.quantity is None else int(r.quantity)))
-    return books
+    """Books of the given markets from every stored open/fill/cancel up to `block` (the one stored stream)."""
+    names = registry.market_names(conn, chain_id, market_ids)
+    res = replay(stored_events(conn, to_block=block, market_ids=market_ids, chain_id=chain_id), strict=False,
+                 hashes=False)
+    return {m: res.books[names[m]].book if names[m] in res.books else Book() for m in market_ids}
 
 
 def _compare_book(book: Book, views: ContractViews, address: str, block: int, n: int) -> dict[str, Any]:
@@ -228,7 +154,7 @@ def _compare_orders(conn: Connection, config: ProjectConfig, chain: ChainClient,
         qty_name = next((q for q in _QTY_OUTPUTS if q in names), None)
         if qty_name is None or "filled" not in names or "status" not in names:
             continue
-        arg_type = _canonical_type(v.fns["getOrder"]["inputs"][0])
+        arg_type = canonical_type(v.fns["getOrder"]["inputs"][0])
         try:
             out = dict(zip(names, v.call(r.contract, "getOrder", [_order_arg(arg_type, r.order_id)], block),
                            strict=True))
@@ -239,7 +165,7 @@ def _compare_orders(conn: Connection, config: ProjectConfig, chain: ChainClient,
         if (chain_view["quantity"], chain_view["filled"], chain_view["status"]) != (
                 int(r.quantity), int(r.filled), OPEN_STATUS):
             failures.setdefault(r.market_id, []).append({
-                "order": f"{r.contract}:{r.order_id}",
+                "order": order_key(r.contract, r.order_id),
                 "ours": {"quantity": str(r.quantity), "filled": str(r.filled), "remaining": str(r.remaining)},
                 "chain": {k: _s(v) if isinstance(v, int) else v for k, v in {**chain_view, **out}.items()
                           if k in ("quantity", "filled", "status", "error")},
@@ -254,12 +180,12 @@ def check_books(config: ProjectConfig, chain: ChainClient, engine: Engine, start
     rc = config.reconciliation
     report = CheckReport(start, end)
     with engine.connect() as conn:
-        block = processed_block(conn, cid, start)
+        block = checkpoints.processed_to(conn, cid, start)
         if block is None:
             report.skipped = f"range {start}-{end} is not ingested"
             return report
         report.block = block
-        gap = history_gap(conn, cid, config.chain.start_block, block)
+        gap = checkpoints.history_gap(conn, cid, config.chain.start_block, block)
         if gap:
             report.skipped = f"cannot rebuild books at block {block}: {gap}"
             return report
@@ -327,9 +253,10 @@ def check_invariants(config: ProjectConfig, engine: Engine, start: int, end: int
     cid = config.chain.chain_id
     report = CheckReport(start, end)
     with engine.connect() as conn:
-        report.block = processed_block(conn, cid, start)
+        report.block = checkpoints.processed_to(conn, cid, start)
         report.violations = invariant_violations(conn, cid, start, end)
-        gap = history_gap(conn, cid, config.chain.start_block, report.block) if report.block is not None else None
+        gap = (checkpoints.history_gap(conn, cid, config.chain.start_block, report.block)
+               if report.block is not None else None)
         if gap:  # the current book of a market is only meaningful on complete history
             report.violations["crossed_book"] = []
         touched = conn.execute(
@@ -355,60 +282,3 @@ def _record(engine: Engine, config: ProjectConfig, report: CheckReport, check_na
              "passed": m.passed, "details": json.dumps(m.details, default=str), "run_id": run_id}
             for m in report.markets
         ])
-
-
-# -- Dagster ---------------------------------------------------------------------------------------------------
-def _result(report: CheckReport, what: str) -> AssetCheckResult:
-    meta: dict[str, Any] = {"block": report.block if report.block is not None else -1,
-                            "markets_checked": len(report.markets)}
-    if report.skipped:
-        meta["skipped"] = report.skipped
-        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN, metadata=meta,
-                                description=f"not evaluated: {report.skipped}")
-    if report.orders_checked:
-        meta["orders_checked"] = report.orders_checked
-    failed = report.failed
-    meta["markets_failed"] = len(failed)
-    if failed:
-        meta["failed_markets"] = ", ".join(m.metric_id for m in failed[:50])
-        meta["differences"] = MetadataValue.json({m.metric_id: m.details for m in failed[:20]})
-    counts = {k: len(v) for k, v in report.violations.items()}
-    if report.violations:
-        meta["violations"] = MetadataValue.json(counts)
-        bad = {k: v for k, v in report.violations.items() if v}
-        if bad:
-            meta["examples"] = MetadataValue.json(json.loads(json.dumps(bad, default=str)))
-    desc = (f"{what}: {len(failed)} of {len(report.markets)} market(s) differ at block {report.block}"
-            if failed else f"{what}: all {len(report.markets)} market(s) agree at block {report.block}")
-    return AssetCheckResult(passed=report.passed, severity=AssetCheckSeverity.ERROR, metadata=meta, description=desc)
-
-
-@asset_check(asset=orders, blocking=True, partitions_def=block_ranges, name=BOOK_CHECK,
-             description="The book rebuilt from stored events equals the contracts' views (best bid/ask, top-N "
-             "levels, open orders' getOrder) at the range's last processed block.")
-def book_equals_chain(context: AssetCheckExecutionContext, settings: SettingsResource, chain: ChainResource,
-                      postgres: PostgresResource) -> AssetCheckResult:
-    start, end = parse_range_key(context.partition_key)
-    report = check_books(settings.load(), chain.client(), postgres.engine(), start, end, run_id=context.run.run_id)
-    return _result(report, "book vs chain")
-
-
-@asset_check(asset=orders, blocking=True, partitions_def=block_ranges, name=INVARIANTS_CHECK,
-             description="No crossed book, no negative remaining, fills never above the order size, every trade "
-             "has buyer and seller, every fill's order exists.")
-def order_invariants(context: AssetCheckExecutionContext, settings: SettingsResource,
-                     postgres: PostgresResource) -> AssetCheckResult:
-    start, end = parse_range_key(context.partition_key)
-    report = check_invariants(settings.load(), postgres.engine(), start, end, run_id=context.run.run_id)
-    return _result(report, "invariants")
-
-
-asset_checks = [book_equals_chain, order_invariants]
-
-check_job = define_asset_job(
-    "check_block_range",
-    selection=AssetSelection.checks(*asset_checks),
-    partitions_def=block_ranges,
-    executor_def=in_process_executor,
-    description="Re-run the book and invariant checks of block ranges without re-ingesting them.",
-)

@@ -1,4 +1,4 @@
-"""Prometheus metrics and trace spans of the ingestion side (RPC client, ingest_range).
+"""Prometheus metrics and trace spans of range ingestion (`ingest_range`); the RPC client's are in chain/metrics.py.
 
 Names are part of the operational contract (docs/observability.md, ops/prometheus/alerts.yml): rename only
 with the alert rules and the dashboard. These live in the process that ingests (CLI, Dagster run, live
@@ -18,15 +18,8 @@ from typing import Any, TypeVar
 from prometheus_client import Counter, Gauge, Histogram
 
 from orderbook_pipelines import obs
-
-RPC_REQUESTS = Counter("obp_rpc_requests_total", "JSON-RPC calls made (each retry counts)", ["method"])
-RPC_ERRORS = Counter("obp_rpc_errors_total", "JSON-RPC calls that failed, by error class", ["method", "error"])
-RPC_SECONDS = Histogram("obp_rpc_request_seconds", "JSON-RPC call latency", ["method"],
-                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-GETLOGS_RANGE = Histogram("obp_rpc_getlogs_range_blocks", "Blocks per successful eth_getLogs window",
-                          buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000))
-GETLOGS_WINDOW = Gauge("obp_rpc_getlogs_window_blocks", "Size of the last successful eth_getLogs window")
-GETLOGS_REFUSED = Counter("obp_rpc_getlogs_refused_total", "eth_getLogs windows refused as too large (then halved)")
+from orderbook_pipelines.ingestion.ranges import RangeNotFinal
+from orderbook_pipelines.storage.writer import ReorgDetected
 
 EVENTS = Counter("obp_ingest_events_total", "Order events written (new rows; re-runs add nothing)")
 LOGS = Counter("obp_ingest_logs_total", "Logs fetched for ingested ranges")
@@ -46,26 +39,6 @@ _high_water = [-1]  # highest processed_to written by this process
 _stages: ContextVar[dict[str, float] | None] = ContextVar("obp_ingest_stages", default=None)
 _log = logging.getLogger("obp.ingest")  # stdlib: honours levels even where obs is not configured
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def observed_call(fn: Callable[[str, list[Any]], Any], method: str, params: list[Any]) -> Any:
-    """One JSON-RPC attempt with its count, latency, error class and, for getLogs, the window size."""
-    RPC_REQUESTS.labels(method).inc()
-    t0 = time.perf_counter()
-    try:
-        result = fn(method, params)
-    except Exception as exc:
-        RPC_ERRORS.labels(method, type(exc).__name__).inc()
-        if type(exc).__name__ == "RangeTooLarge":
-            GETLOGS_REFUSED.inc()
-        raise
-    finally:
-        RPC_SECONDS.labels(method).observe(time.perf_counter() - t0)
-    if method == "eth_getLogs" and params and isinstance(params[0], dict) and "fromBlock" in params[0]:
-        blocks = int(params[0]["toBlock"], 16) - int(params[0]["fromBlock"], 16) + 1
-        GETLOGS_RANGE.observe(blocks)
-        GETLOGS_WINDOW.set(blocks)
-    return result
 
 
 def stage(name: str, since: float, **fields: Any) -> float:
@@ -91,8 +64,6 @@ def traced_range(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(config: Any, chain: Any, engine: Any, start: int, end: int, run_id: str | None = None,
                 **kwargs: Any) -> Any:
-        from orderbook_pipelines.storage.writer import ReorgDetected
-
         stages: dict[str, float] = {}
         _stages.set(stages)
         t0 = time.perf_counter()
@@ -106,7 +77,7 @@ def traced_range(fn: F) -> F:
                 _log.warning("range refused by the reorg guard", extra={"error": str(exc)})
                 raise
             except Exception as exc:
-                outcome = "not_final" if type(exc).__name__ == "RangeNotFinal" else "error"
+                outcome = "not_final" if isinstance(exc, RangeNotFinal) else "error"
                 RANGES.labels(outcome).inc()
                 _log.log(logging.INFO if outcome == "not_final" else logging.ERROR, "range not ingested",
                          extra={"outcome": outcome, "error": str(exc)})

@@ -86,16 +86,16 @@ class EventSpec:
             if self.data_static else ())
 
 
-def _canonical_type(inp: dict) -> str:
+def canonical_type(inp: dict) -> str:
     t = inp["type"]
     if t.startswith("tuple"):
-        inner = ",".join(_canonical_type(c) for c in inp["components"])
+        inner = ",".join(canonical_type(c) for c in inp["components"])
         return f"({inner}){t[5:]}"
     return t
 
 
 def event_signature(abi_event: dict) -> str:
-    return f"{abi_event['name']}({','.join(_canonical_type(i) for i in abi_event['inputs'])})"
+    return f"{abi_event['name']}({','.join(canonical_type(i) for i in abi_event['inputs'])})"
 
 
 def event_topic(abi_event: dict) -> str:
@@ -132,22 +132,13 @@ _ZERO12 = bytes(12)
 
 
 def _word_value(typ: str, word: bytes) -> Any:
-    """Decode one 32-byte word strictly: padding that does not fit the type is an error."""
-    if typ == "address":
-        if any(word[:12]):
-            raise ValueError("address word has non-zero padding")
-        return "0x" + word[12:].hex()
+    """Decode one 32-byte word of the types `_converter` leaves to it (bool, intN, bytesN) strictly: padding
+    that does not fit the type is an error."""
     if typ == "bool":
         v = int.from_bytes(word, "big")
         if v > 1:
             raise ValueError(f"bool out of range: {v}")
         return bool(v)
-    if typ.startswith("uint"):
-        bits = int(typ[4:] or 256)
-        v = int.from_bytes(word, "big")
-        if v >> bits:
-            raise ValueError(f"{typ} out of range: {v}")
-        return v
     if typ.startswith("int"):
         bits = int(typ[3:] or 256)
         v = int.from_bytes(word, "big", signed=True)
@@ -203,8 +194,8 @@ class Decoder:
                     name=ev_name,
                     signature=event_signature(abi_ev),
                     topic0=event_topic(abi_ev),
-                    indexed=tuple(_Param(i["name"], _canonical_type(i)) for i in abi_ev["inputs"] if i["indexed"]),
-                    data=tuple(_Param(i["name"], _canonical_type(i)) for i in abi_ev["inputs"] if not i["indexed"]),
+                    indexed=tuple(_Param(i["name"], canonical_type(i)) for i in abi_ev["inputs"] if i["indexed"]),
+                    data=tuple(_Param(i["name"], canonical_type(i)) for i in abi_ev["inputs"] if not i["indexed"]),
                     mapping=mapping,
                 )
                 _check_mapping(spec)

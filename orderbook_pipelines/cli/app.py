@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 
 from orderbook_pipelines import obs
-from orderbook_pipelines.cli_ops import check_app, reconcile_app, register_market_commands, reorgs_app
-from orderbook_pipelines.cli_recovery import replay_app, snapshot_app
+from orderbook_pipelines.cli.metrics import metrics_app
+from orderbook_pipelines.cli.ops import check_app, reconcile_app, register_market_commands, reorgs_app
+from orderbook_pipelines.cli.recovery import replay_app, snapshot_app
 from orderbook_pipelines.config import ConfigError, EnvSettings, Market, load_config
-from orderbook_pipelines.exporter import metrics_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database: create and migrate.")
@@ -109,23 +109,25 @@ def wait_config(path: Path, timeout: float = typer.Option(120.0)) -> None:
 def ingest(start: int = typer.Option(..., "--from", min=0), end: int = typer.Option(..., "--to", min=0),
            workers: int = typer.Option(1, "--workers", min=1, max=64,
                                        help="ranges in flight, one process each (a backfill: 2 per core)")) -> None:
-    """Ingest and project [from, to] outside Dagster, range by range (same code path as the assets)."""
-    from orderbook_pipelines.backfill import run_ranges
-    from orderbook_pipelines.partitions import ranges_up_to
+    """Ingest and project blocks [from, to] outside Dagster, range by range (same code path as the assets)."""
+    from orderbook_pipelines.ingestion.backfill import run_ranges
+    from orderbook_pipelines.ingestion.ranges import ranges_between
     from orderbook_pipelines.storage.db import migrate
 
     cfg = _config()
     env = EnvSettings()
     migrate(env.database_url)
     c = cfg.chain
-    ranges = [(a, b) for a, b in ranges_up_to(c.start_block, c.range_size, end) if b >= start]
-    for out in run_ranges(cfg, env.database_url, ranges, workers):
+    if end < start:
+        _fail(f"--to {end} is before --from {start}")
+    ranges = ranges_between(c.start_block, c.range_size, max(start, c.start_block), end)
+    for out in run_ranges(cfg, env.database_url, ranges, workers, upto=end):
         r = out.report
         if r is None:
             typer.echo(f"{out.start}-{out.end}: not final yet; stopping here")
             break
         typer.echo(f"{out.start}-{r.processed_to}: {r.events} events ({r.events_inserted} new), {r.rejected} "
-                   f"rejected, {out.projected['orders']} orders changed")
+                   f"rejected, {r.orders_changed} orders changed")
         if not r.complete:
             break
 

@@ -10,27 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import typer
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
-
-
-def contiguous_indexed(ranges: list[tuple[int, int, int]], start_block: int) -> int:
-    """Highest block N such that every block from the deployment block to N is written (gaps stop it).
-
-    `ranges` are (range_start, range_end, processed_to) rows; -1 before anything is indexed.
-    """
-    upto = start_block - 1
-    for rs, _, processed in sorted(ranges):
-        if rs > upto + 1:
-            break
-        upto = max(upto, processed)
-    return upto if upto >= start_block else -1
+from orderbook_pipelines.storage import checkpoints
 
 
 class StateCollector(Collector):
@@ -79,7 +66,8 @@ class StateCollector(Collector):
                            FROM market_checks WHERE chain_id = :c
                            ORDER BY market_id, check_name, range_start DESC) latest
                        GROUP BY check_name"""), {"c": c.chain_id}).all()
-            indexed = contiguous_indexed(ranges, c.start_block)  # type: ignore[arg-type]
+            frontier = checkpoints.contiguous(ranges, c.start_block)
+            indexed = -1 if frontier is None else frontier
             yield GaugeMetricFamily("obp_indexed_block", "Highest block indexed contiguously from the deployment "
                                     "block (ingestion_checkpoints)", value=indexed)
             yield GaugeMetricFamily("obp_indexed_max_block", "Highest block of any indexed range",
@@ -112,31 +100,3 @@ def registry_for(config: ProjectConfig, engine: Engine, chain: ChainClient) -> C
     reg = CollectorRegistry(auto_describe=False)
     reg.register(StateCollector(config, engine, chain))
     return reg
-
-
-metrics_app = typer.Typer(no_args_is_help=True, help="State exporter for Prometheus (chain vs index, checks).")
-
-
-def _registry() -> CollectorRegistry:
-    from orderbook_pipelines.config import EnvSettings, load_config
-    from orderbook_pipelines.storage.db import engine_for
-
-    cfg = load_config()
-    c = cfg.chain
-    return registry_for(cfg, engine_for(EnvSettings().database_url),
-                        ChainClient(c.rpc_url, c.rpc_timeout_s, 1, c.max_logs_range))
-
-
-@metrics_app.command("show")
-def show() -> None:
-    """Print the exported state once (Prometheus text format): head, indexed, lag, reorgs, failing checks."""
-    typer.echo(generate_latest(_registry()).decode(), nl=False)
-
-
-@metrics_app.command("serve")
-def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(9464, min=1, max=65535)) -> None:
-    """Serve the state on http://HOST:PORT/metrics until interrupted."""
-    start_http_server(port, addr=host, registry=_registry())
-    typer.echo(f"exporter on http://{host}:{port}/metrics")
-    while True:
-        time.sleep(3600)

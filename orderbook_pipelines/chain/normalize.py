@@ -1,21 +1,29 @@
-"""Decoded contract events -> canonical order events (the rows of `order_events`).
+"""Decoded contract events -> canonical order events (the rows of `order_events`), with their market.
 
-Pure: market resolution takes a registry snapshot, so the same logs always give the same rows. Generation 1
-router events carry no market address, and some carry no market at all (OrderExecuted); those take the
-market of the other logs of their transaction, which is where the contracts put it.
+Pure: market resolution takes a registry snapshot (and, for fills and cancels, a lookup of known orders), so
+the same inputs always give the same rows. The one rule, shared by ingestion, reconciliation and the live
+follower (storage/projections.py applies the same rule to stored rows):
+
+- `emitter`: the log's contract is the market's contract;
+- `metric_hash:<arg>`: the market whose keccak(metricId) the argument holds;
+- `tx` (generation-1 router events that carry no market: OrderExecuted, OrderCancelled): a fill or cancel
+  belongs to the market of its ORDER, known from the order's `open` in the same batch or from `order_markets`.
+  Only when the order is unknown does the transaction decide, and only if it names exactly one market: a
+  multicall can place, fill and cancel orders of several markets in one transaction.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from orderbook_pipelines.book.model import order_key
+from orderbook_pipelines.chain.decoding import DecodedLog
 from orderbook_pipelines.config import EventKind
-from orderbook_pipelines.decoding import DecodedLog
 
 ORDER_TYPE_MARKET = 0
 ORDER_TYPE_LIMIT = 1
@@ -54,6 +62,10 @@ class OrderEventRow:
     buyer: str | None
     seller: str | None
     args: str
+
+
+# Markets of orders opened before the batch: order keys (book.model.order_key) -> market id, for the keys asked.
+OrderMarkets = Callable[[set[str]], Mapping[str, int]]
 
 
 def _id_text(v: Any) -> str | None:
@@ -101,7 +113,8 @@ def _args_json(a: dict[str, Any]) -> str:
                         option=orjson.OPT_SORT_KEYS).decode()
 
 
-def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int) -> list[OrderEventRow]:
+def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int,
+              order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:
     rows: list[OrderEventRow] = []
     needs_tx: list[OrderEventRow] = []
     plans: dict[int, _Plan] = {}
@@ -129,14 +142,32 @@ def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int
         if plan.rule == "tx":
             needs_tx.append(row)
     if needs_tx:
-        # Markets named by the other logs of each transaction, computed once per transaction (a burst of
-        # thousands of fills in one transaction would otherwise rescan it per fill).
-        tx_markets: dict[str, set[int]] = defaultdict(set)
-        for r in rows:
-            if r.market_id is not None:
-                tx_markets[r.tx_hash].add(r.market_id)
-        for row in needs_tx:
+        _resolve_by_order(rows, needs_tx, order_markets)
+    return rows
+
+
+def _resolve_by_order(rows: list[OrderEventRow], needs: list[OrderEventRow],
+                      order_markets: OrderMarkets | None) -> None:
+    """`tx`-rule rows: the market of their order, else the single market their transaction names."""
+    opened: dict[str, int] = {}
+    tx_markets: dict[str, set[int]] = defaultdict(set)  # once per transaction, not per fill of a burst
+    for r in rows:
+        if r.market_id is not None:
+            tx_markets[r.tx_hash].add(r.market_id)
+            if r.kind == "open" and r.order_id is not None:
+                opened[order_key(r.contract, r.order_id)] = r.market_id
+    keys = {order_key(r.contract, r.order_id) for r in needs if r.order_id is not None}
+    unknown = keys - opened.keys()
+    known = order_markets(unknown) if unknown and order_markets is not None else {}
+    for row in needs:
+        market = None
+        if row.order_id is not None:
+            key = order_key(row.contract, row.order_id)
+            market = opened.get(key)
+            if market is None:
+                market = known.get(key)
+        if market is None:
             markets = tx_markets.get(row.tx_hash)
             if markets is not None and len(markets) == 1:
-                row.market_id = next(iter(markets))
-    return rows
+                market = next(iter(markets))
+        row.market_id = market

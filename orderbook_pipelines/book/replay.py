@@ -19,10 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, text
-
-from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent, InvalidEvent
-from orderbook_pipelines.storage.db import stream_rows
+from orderbook_pipelines.book.model import BUY, SELL, Book, BookEvent, InvalidEvent, order_key
 
 BOOK_KINDS = ("open", "fill", "cancel")
 _UINT = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -56,7 +53,7 @@ class CanonicalEvent:
 
     @property
     def key(self) -> str:
-        return f"{self.contract}:{self.order_id}"
+        return order_key(self.contract, self.order_id)
 
     def book_event(self) -> BookEvent:
         return BookEvent(self.kind, self.key, self.side, self.order_type, self.price, self.quantity)
@@ -278,87 +275,3 @@ def write_events(events: Iterable[CanonicalEvent], out: IO[str]) -> int:
         out.write("\n")
         n += 1
     return n
-
-
-# -- the stored stream ----------------------------------------------------------------------------------------
-_MARKET_NAME = "COALESCE(m.metric_id, m.metric_hash, m.address, m.market_id::text)"
-
-
-def stored_events(conn: Connection, *, after_block: int = -1, to_block: int | None = None,
-                  market_ids: Iterable[int] | None = None, chain_id: int | None = None) -> Iterator[CanonicalEvent]:
-    """Book events of resolved markets in (after_block, to_block], chain order, streamed (server-side cursor).
-
-    Positional driver rows with the amounts as text (int() of a str is far cheaper than of a Decimal): a
-    replay from the first event is a million rows at scale.
-    """
-    ids = sorted(set(market_ids)) if market_ids is not None else None
-    sql = f"""
-        SELECT e.block_number, e.log_index, e.block_hash, e.tx_hash, e.market_id, {_MARKET_NAME} AS market,
-               e.kind, e.contract, e.order_id, e.trader, e.side, e.order_type, e.price::text, e.quantity::text
-        FROM order_events e JOIN markets m USING (market_id)
-        WHERE e.kind IN ('open', 'fill', 'cancel') AND e.order_id IS NOT NULL
-          AND e.block_number > %(after)s AND (CAST(%(to)s AS bigint) IS NULL OR e.block_number <= %(to)s)
-          AND (CAST(%(c)s AS bigint) IS NULL OR e.chain_id = %(c)s)
-          AND (CAST(%(ids)s AS integer[]) IS NULL OR e.market_id = ANY(CAST(%(ids)s AS integer[])))
-        ORDER BY e.block_number, e.log_index
-    """
-    rows = stream_rows(conn, sql, {"after": after_block, "to": to_block, "c": chain_id, "ids": ids})
-    for bn, li, bh, tx, mid, market, kind, contract, oid, trader, side, ot, price, qty in rows:
-        yield CanonicalEvent(bn, li, bh, tx, market, mid, kind, contract, oid, trader, side, ot,
-                             None if price is None else int(price), None if qty is None else int(qty))
-
-
-def ingested_through(conn: Connection, chain_id: int | None = None, start_block: int | None = None) -> int | None:
-    """The last block before which every block is durably ingested: the contiguous checkpoint frontier.
-
-    A book is only correct at a block if no earlier range is missing, so restore/export/snapshots stop here.
-    """
-    rows = conn.execute(
-        text("SELECT range_start, range_end, processed_to FROM ingestion_checkpoints "
-             "WHERE CAST(:c AS bigint) IS NULL OR chain_id = :c ORDER BY range_start"),
-        {"c": chain_id},
-    ).all()
-    if not rows or (start_block is not None and rows[0].range_start > start_block):
-        return None
-    frontier = rows[0].range_start - 1
-    for r in rows:
-        if r.range_start != frontier + 1:
-            break
-        frontier = r.processed_to
-        if r.processed_to != r.range_end:
-            break
-    return frontier if frontier >= rows[0].range_start else None
-
-
-def resolve_market(conn: Connection, market: str) -> tuple[int, str]:
-    """A market given as id or metric id/hash/address -> (market_id, stable name)."""
-    row = conn.execute(
-        text(f"SELECT market_id, {_MARKET_NAME} AS name FROM markets m "
-             "WHERE m.market_id::text = :m OR m.metric_id = :m OR m.metric_hash = lower(:m) OR m.address = lower(:m) "
-             "ORDER BY market_id LIMIT 1"),
-        {"m": market},
-    ).first()
-    if row is None:
-        raise LookupError(f"no market {market!r} (see `orderbook markets list`)")
-    return int(row.market_id), str(row.name)
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    events: int
-    to_block: int | None
-
-
-def export_events(engine: Engine, out: IO[str], market: str | None = None, to_block: int | None = None) -> ExportReport:
-    """Write the canonical stream (default: up to the ingested frontier, so it never ends mid-gap)."""
-    with engine.connect() as conn:
-        frontier = ingested_through(conn)
-        if frontier is None:
-            raise LookupError("nothing is ingested yet (no contiguous checkpoints)")
-        if to_block is None:
-            to_block = frontier
-        elif to_block > frontier:
-            raise LookupError(f"block {to_block} is beyond the ingested frontier {frontier}")
-        ids = [resolve_market(conn, market)[0]] if market else None
-        n = write_events(stored_events(conn, to_block=to_block, market_ids=ids), out)
-    return ExportReport(n, to_block)

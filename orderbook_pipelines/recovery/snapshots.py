@@ -27,18 +27,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.book.checksum import book_checksum
-from orderbook_pipelines.book.model import BUY, SELL, Book, Level
+from orderbook_pipelines.book.model import BUY, SELL, Book, Level, order_key
+from orderbook_pipelines.book.replay import CanonicalEvent, MarketReplay, ReplayError, replay
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.gc_pause import gc_paused
-from orderbook_pipelines.replay import (
-    _MARKET_NAME,
-    CanonicalEvent,
-    MarketReplay,
-    ReplayError,
-    ingested_through,
-    replay,
-    stored_events,
-)
+from orderbook_pipelines.storage.checkpoints import NotIngested, within_frontier
+from orderbook_pipelines.storage.events import order_key_sql, stored_events
+from orderbook_pipelines.storage.registry import market_names
 
 CHECKSUM_DEPTH = 25
 
@@ -59,10 +54,6 @@ class RetentionPolicy:
 
     keep_last: int = 24
     keep_daily: bool = True
-
-
-class NotIngested(LookupError):
-    """The requested block is beyond what is contiguously ingested: a book there would silently miss events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +121,9 @@ def replay_from_orders(orders: Iterable[SnapshotOrder], traders: bool = True) ->
     """Rebuild a market's book from resting orders (bulk load: the same state as an open then a fill each)."""
     mr = MarketReplay(strict=False)
     orders = list(orders)
-    mr.book.load_resting((f"{o.contract}:{o.order_id}", o.side, o.price, o.quantity, o.filled) for o in orders)
+    mr.book.load_resting((order_key(o.contract, o.order_id), o.side, o.price, o.quantity, o.filled) for o in orders)
     if traders:
-        mr.traders.update({f"{o.contract}:{o.order_id}": (o.contract, o.order_id, o.trader) for o in orders})
+        mr.traders.update({order_key(o.contract, o.order_id): (o.contract, o.order_id, o.trader) for o in orders})
     return mr
 
 
@@ -163,7 +154,7 @@ def load_orders(conn: Connection, market_id: int, block: int) -> list[SnapshotOr
 # instead of fetching a million rows. One aggregate per market keeps the fields of an order aligned; concat_ws
 # with NOT NULL columns (the trader is coalesced to "+addr" / "-") yields exactly `width` fields per order;
 # the order is load_orders', so both paths give the same book down to dict order.
-_BULK_FIELDS = "o.contract || ':' || o.order_id, o.side, o.price, o.quantity, o.filled"
+_BULK_FIELDS = order_key_sql("o") + ", o.side, o.price, o.quantity, o.filled"
 _BULK_TRADER_FIELDS = ", o.contract, o.order_id, COALESCE('+' || o.trader, '-')"
 _BULK_SQL = """
     SELECT s.m, a.n, a.orders
@@ -236,16 +227,6 @@ def latest_snapshots(conn: Connection, market_ids: list[int], at_most: int | Non
     return out
 
 
-def markets(conn: Connection, chain_id: int | None = None, market_ids: list[int] | None = None) -> dict[int, str]:
-    rows = conn.execute(
-        text(f"SELECT market_id, {_MARKET_NAME} AS name FROM markets m "
-             "WHERE (CAST(:c AS bigint) IS NULL OR chain_id = :c) "
-             "AND (CAST(:ids AS integer[]) IS NULL OR market_id = ANY(CAST(:ids AS integer[]))) ORDER BY market_id"),
-        {"c": chain_id, "ids": market_ids},
-    )
-    return {int(r.market_id): str(r.name) for r in rows}
-
-
 @dataclass
 class BooksAt:
     """Books of several markets at one block, and how each was obtained."""
@@ -264,7 +245,7 @@ def books_at(conn: Connection, block: int, market_ids: list[int] | None = None, 
 
     `traders=False` leaves `MarketReplay.traders` of restored orders empty: only new snapshots need them.
     """
-    names = markets(conn, chain_id, market_ids)
+    names = market_names(conn, chain_id, market_ids)
     ids = sorted(names)
     stored_hash = {}
     if use_snapshots and ids:
@@ -348,16 +329,10 @@ def build_snapshots(engine: Engine, at_block: int | None = None, chain_id: int |
     """Every market's snapshot at `at_block` (default: the ingested frontier), not yet stored."""
     with engine.connect() as conn:
         cid = resolve_chain(conn, chain_id)
-        frontier = ingested_through(conn, cid, start_block)
-        if frontier is None:
-            raise NotIngested("nothing is contiguously ingested yet")
-        at = frontier if at_block is None else at_block
-        if at > frontier:
-            raise NotIngested(f"block {at} is beyond the ingested frontier {frontier} (an earlier range is missing "
-                              "or incomplete)")
+        at = within_frontier(conn, at_block, cid, start_block)
         block_hash, block_time = block_header(conn, at, cid)
         b = books_at(conn, at, chain_id=cid, use_snapshots=incremental, strictly_before=True)
-        names = markets(conn, cid)
+        names = market_names(conn, cid)
     snaps = [snapshot_of(mr, mid, names[mid], at, block_hash, block_time, b.base[mid]) for mid, mr in b.books.items()]
     return snaps, b
 
@@ -502,12 +477,7 @@ def restore(engine: Engine, at_block: int | None = None, chain_id: int | None = 
             market_ids: list[int] | None = None, strict: bool = False, use_snapshots: bool = True,
             traders: bool = True) -> tuple[dict[int, tuple[MarketReplay, int]], BooksAt]:
     with engine.connect() as conn:
-        frontier = ingested_through(conn, chain_id)
-        if frontier is None:
-            raise NotIngested("nothing is contiguously ingested yet")
-        at = frontier if at_block is None else at_block
-        if at > frontier:
-            raise NotIngested(f"block {at} is beyond the ingested frontier {frontier}")
+        at = within_frontier(conn, at_block, chain_id)
         b = books_at(conn, at, market_ids, chain_id, use_snapshots=use_snapshots, strict=strict, traders=traders)
     return {m: (mr, at) for m, mr in b.books.items()}, b
 
@@ -526,12 +496,10 @@ def verify(engine: Engine, root: Path, at_block: int | None = None) -> VerifyRep
     frontier (or `at_block`) against the full replay there."""
     rep = VerifyReport()
     with engine.connect() as conn:
-        frontier = ingested_through(conn)
-        if frontier is None:
-            raise NotIngested("nothing is contiguously ingested yet")
+        frontier = within_frontier(conn, None)
         at = frontier if at_block is None else min(at_block, frontier)
         rep.block = at
-        names = markets(conn)
+        names = market_names(conn)
         rows = conn.execute(
             text("SELECT market_id, block_number, state_hash, checksum, parquet_key FROM depth_snapshots "
                  "WHERE block_number <= :b ORDER BY block_number, market_id"), {"b": at}).all()

@@ -43,13 +43,13 @@ def _client(cfg: ProjectConfig):  # type: ignore[no-untyped-def]
     from orderbook_pipelines.chain.rpc import ChainClient
 
     c = cfg.chain
-    return ChainClient(c.rpc_url, c.rpc_timeout_s, c.rpc_retries, c.max_logs_range)
+    return ChainClient.from_config(c)
 
 
 # -- markets ---------------------------------------------------------------------------------------------------
 def _change(metric_id: str, to_status: str, reason: str | None, by: str | None,
             allowed_from: tuple[str, ...]) -> None:
-    from orderbook_pipelines.canary import StatusChangeError, set_status
+    from orderbook_pipelines.quality.canary import StatusChangeError, set_status
 
     cfg = _config()
     try:
@@ -86,7 +86,7 @@ def register_market_commands(markets_app: typer.Typer) -> None:
     def resume(metric_id: str, reason: str = typer.Option("resumed", help="why (recorded)"),
                by: str | None = typer.Option(None, help="operator name")) -> None:
         """Paused -> the status it had before the pause."""
-        from orderbook_pipelines.canary import status_before_pause
+        from orderbook_pipelines.quality.canary import status_before_pause
 
         cfg = _config()
         with _engine().connect() as conn:
@@ -112,7 +112,7 @@ def register_market_commands(markets_app: typer.Typer) -> None:
     @markets_app.command("canaries")
     def canaries() -> None:
         """Canary markets: consecutive passed ranges vs the required number, and whether they are published."""
-        from orderbook_pipelines.canary import canary_progress, sync_policy
+        from orderbook_pipelines.quality.canary import canary_progress, sync_policy
 
         cfg = _config()
         with _engine().begin() as conn:
@@ -141,7 +141,7 @@ def reconcile_cmd(start: int | None = typer.Option(None, "--from", min=0, help="
                   ) -> None:
     """Compare stored ranges with the chain (hashes, logs per range and market). Exit 1 if anything differs
     and was not repaired, 3 if a deep reorg was found (even if repaired), 4 if the repair cap was hit."""
-    from orderbook_pipelines.reconcile import RepairCapExceeded, reconcile
+    from orderbook_pipelines.ingestion.reconcile import RepairCapExceeded, reconcile
 
     cfg = _config()
     try:
@@ -170,14 +170,14 @@ def reconcile_cmd(start: int | None = typer.Option(None, "--from", min=0, help="
 def check_cmd(start: int = typer.Option(..., "--from", min=0), end: int = typer.Option(..., "--to", min=0),
               record: bool = typer.Option(True, help="record results in market_checks (canary progress)")) -> None:
     """Book-vs-chain and invariant checks of every stored range overlapping [from, to]. Exit 1 on a failure."""
-    from orderbook_pipelines.checks import check_books, check_invariants
-    from orderbook_pipelines.reconcile import checkpoints
+    from orderbook_pipelines.quality.checks import check_books, check_invariants
+    from orderbook_pipelines.storage.checkpoints import in_scope
 
     cfg = _config()
     engine = _engine()
     client = _client(cfg)
     with engine.connect() as conn:
-        scope = checkpoints(conn, cfg.chain.chain_id, start, end)
+        scope = in_scope(conn, cfg.chain.chain_id, start, end)
     failed = 0
     for cp in scope:
         for what, rep in (("book", check_books(cfg, client, engine, cp.range_start, cp.range_end, record=record)),

@@ -1,0 +1,68 @@
+"""What every `orderbook` command group shares: failing with a clear message, the config, Postgres, the chain.
+
+Heavy libraries (SQLAlchemy, web3, Dagster) are imported inside these helpers and the commands, never at
+module level: `orderbook --help` must not pay for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from orderbook_pipelines.chain.rpc import ChainClient
+    from orderbook_pipelines.config import ProjectConfig
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def config() -> ProjectConfig:
+    """The validated YAML configuration, or exit 2 with every problem listed."""
+    from orderbook_pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def database_url() -> str:
+    from orderbook_pipelines.config import EnvSettings
+
+    return EnvSettings().database_url
+
+
+def engine(migrate: bool = True) -> Engine:
+    """The engine of DATABASE_URL, migrated first unless told not to (read-only commands)."""
+    from orderbook_pipelines.storage.db import engine_for
+    from orderbook_pipelines.storage.db import migrate as apply_migrations
+
+    url = database_url()
+    if migrate:
+        apply_migrations(url)
+    return engine_for(url)
+
+
+def chain_client(cfg: ProjectConfig, retries: int | None = None) -> ChainClient:
+    from orderbook_pipelines.chain.rpc import ChainClient
+
+    return ChainClient.from_config(cfg.chain, retries)
+
+
+def market_id(market: str | None) -> int | None:
+    """A market given as id, metric id, metric hash or address -> its id (exit 2 if unknown)."""
+    if market is None:
+        return None
+    from orderbook_pipelines.storage.registry import resolve_market
+
+    with engine().connect() as conn:
+        try:
+            return resolve_market(conn, market)[0]
+        except LookupError as exc:
+            fail(str(exc))
