@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make setup      create .venv (uv, requirements.lock) and node_modules (npm ci); idempotent"
 	@echo "make contracts  build contracts/artifacts (node contracts/build.mjs)"
-	@echo "make lint       ruff check ."
+	@echo "make lint       ruff check . and the type checker (mypy, settings in pyproject.toml)"
 	@echo "make test       lint + pytest; starts Postgres/Redis if needed (PYTEST_ARGS=... passes through)"
 	@echo "make run        anvil devchain + simulator + Dagster UI (Ctrl-C stops everything)"
 	@echo "make bench      benchmarks (bench/): JSON lines + tables; minutes, never part of make test"
@@ -26,6 +26,7 @@ contracts: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: setup
 	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \
@@ -36,8 +37,9 @@ test: setup
 	else echo "[test] no ClickHouse server: the ClickHouse analytics tests will be skipped (see above)"; fi; \
 	echo "[test] DATABASE_URL=$$DATABASE_URL REDIS_URL=$$REDIS_URL"; \
 	bash scripts/ensure_promtool.sh >/dev/null || echo "[test] promtool unavailable: tests/test_alerts.py will skip"; \
-	echo "[test] ruff check ."; \
+	echo "[test] ruff check . && mypy"; \
 	$(VENV)/bin/ruff check .; \
+	$(VENV)/bin/mypy; \
 	echo "[test] pytest -q $(PYTEST_ARGS)"; \
 	bash scripts/pytest_summary.sh -q $(PYTEST_ARGS)
 

@@ -119,7 +119,7 @@ def measure_queries(db: str, n_markets: int, trades_per: int, orders_per: int, l
     load_rows(engine, ids, trades_per, orders_per)
     service = LiveService(cfg, engine)
     service.hub.set_markets({m: f"M{m - 1:05d}_V1" for m in ids}, set(ids))
-    api = Api(service, requests_per_second=10**9)
+    api = Api(service.hub, engine, requests_per_second=10**9)
     out = {}
     mid = f"M{ids[len(ids) // 2] - 1:05d}_V1"
     for name, path, query, handler, n in [

@@ -12,7 +12,7 @@ import json
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from eth_utils import keccak
@@ -213,7 +213,7 @@ class EnvSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OBP_", extra="ignore")
 
-    def __init__(self, **values: object) -> None:
+    def __init__(self, **values: Any) -> None:
         from orderbook_pipelines.obs import load_secret_files
 
         load_secret_files()  # DATABASE_URL_FILE, OBP_RPC_URL_FILE, ... (Docker/Kubernetes secrets): env wins

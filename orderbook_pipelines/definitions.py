@@ -13,7 +13,14 @@ from orderbook_pipelines.assets.checks import asset_checks
 from orderbook_pipelines.assets.ingestion import ingestion_assets
 from orderbook_pipelines.assets.reconciliation import reconciliation_assets
 from orderbook_pipelines.assets.snapshots import snapshot_assets
-from orderbook_pipelines.jobs import all_jobs
+from orderbook_pipelines.jobs import (
+    analytics_job,
+    check_job,
+    ingest_job,
+    purge_dagster_runs,
+    reconcile_job,
+    snapshot_job,
+)
 from orderbook_pipelines.resources import (
     AnalyticsResource,
     ChainResource,
@@ -29,7 +36,7 @@ from orderbook_pipelines.sensors.reconciliation import reconcile_schedule, reorg
 
 def _env(name: str) -> str:
     """dg.EnvVar(name) when the variable is set, else "" (the resource's own default applies)."""
-    return dg.EnvVar(name) if name in os.environ else ""  # type: ignore[return-value]
+    return dg.EnvVar(name) if name in os.environ else ""
 
 
 _settings = SettingsResource(config_path=_env("OBP_CONFIG"))
@@ -37,7 +44,7 @@ _settings = SettingsResource(config_path=_env("OBP_CONFIG"))
 defs = dg.Definitions(
     assets=[*ingestion_assets, *snapshot_assets, *reconciliation_assets, *analytics_assets],
     asset_checks=asset_checks,
-    jobs=all_jobs,
+    jobs=[ingest_job, snapshot_job, reconcile_job, check_job, analytics_job, purge_dagster_runs],
     sensors=[chain_head_sensor, reorg_failure_sensor, market_registry_sensor],
     schedules=[reconcile_schedule, purge_schedule],
     resources={

@@ -70,6 +70,3 @@ def purge_runs(context: dg.OpExecutionContext, config: PurgeConfig) -> int:
 @dg.job(description="Purge old Dagster runs so the instance's storage stays bounded.")
 def purge_dagster_runs() -> None:
     purge_runs()
-
-
-all_jobs = [ingest_job, snapshot_job, reconcile_job, check_job, analytics_job, purge_dagster_runs]

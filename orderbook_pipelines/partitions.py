@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
+BLOCK_RANGES = "block_ranges"
+MARKETS = "markets"
+
+block_ranges = dg.DynamicPartitionsDefinition(name=BLOCK_RANGES)
 
 # Analytics partitions, one per market (added by sensors/analytics.py as markets are registered).
-markets = dg.DynamicPartitionsDefinition(name="markets")
+markets = dg.DynamicPartitionsDefinition(name=MARKETS)

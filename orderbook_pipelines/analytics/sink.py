@@ -196,7 +196,7 @@ def _clickhouse_client(url: str) -> Any:
     from clickhouse_connect.driver.exceptions import DatabaseError
     from clickhouse_connect.driver.httpclient import HttpClient
 
-    class _Client(HttpClient):  # type: ignore[misc]
+    class _Client(HttpClient):
         def _execute_operation(self, operation: Any) -> object:
             if isinstance(operation, QueryOp) and operation.text.startswith("SELECT name, value, readonly FROM"):
                 try:

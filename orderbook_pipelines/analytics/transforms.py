@@ -59,7 +59,7 @@ def extract_trades(conn: Connection, market_id: int) -> pl.DataFrame:
     res = conn.execute(text(_TRADES_SQL), {"m": market_id})
     names = list(res.keys())
     rows = [tuple(r) for r in res]
-    schema = {
+    schema: dict[str, pl.DataType | type[pl.DataType]] = {
         "market_id": pl.Int32, "metric_id": pl.String, "chain_id": pl.Int64, "block_number": pl.Int64,
         "log_index": pl.Int32, "block_time": pl.Datetime("us", "UTC"), "tx_hash": pl.String, "decimals": pl.Int32,
         "price_raw": pl.String, "quantity_raw": pl.String, "price": pl.Decimal(38, 18),
@@ -185,8 +185,9 @@ def snapshots_from_replay(conn: Connection, market_id: int, decimals: int, every
     """Replays the market's stored event stream (storage.events) through the shared book model and samples the
     book at the last event block of every `every_blocks`-block window (and at the final block)."""
     scale = 10**decimals
-    times = dict(conn.execute(text("SELECT DISTINCT block_number, block_time FROM order_events WHERE market_id = :m"),
-                              {"m": market_id}).all())
+    times: dict[int, datetime] = dict(conn.execute(
+        text("SELECT DISTINCT block_number, block_time FROM order_events WHERE market_id = :m"),
+        {"m": market_id}).all())
     mr = MarketReplay()
     cur: int | None = None
 

@@ -7,6 +7,7 @@ is idempotent and backfilling thousands of markets is thousands of small, indepe
 
 
 from decimal import Decimal
+from typing import Any
 
 import polars as pl
 from dagster import (
@@ -70,7 +71,7 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _time_meta(df: pl.DataFrame, col: str) -> dict[str, object]:
+def _time_meta(df: pl.DataFrame, col: str) -> dict[str, Any]:
     if df.is_empty():
         return {"rows": 0}
     return {"rows": df.height, "time_min": MetadataValue.text(str(df[col].min())),

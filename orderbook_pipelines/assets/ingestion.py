@@ -4,6 +4,8 @@
 assets are one multi-asset: Dagster records them materialized together, after the commit, or not at all.
 """
 
+from collections.abc import Iterator
+
 import dagster as dg
 
 from orderbook_pipelines import obs
@@ -33,7 +35,7 @@ POSITIONS = dg.AssetSpec(
 @dg.multi_asset(specs=[ORDER_EVENTS, TRADES, ORDERS, POSITIONS], partitions_def=block_ranges, pool="rpc",
                 name="ingest_block_range_op")
 def ingest_block_range(context: dg.AssetExecutionContext, settings: SettingsResource, chain: ChainResource,
-                       postgres: PostgresResource):  # type: ignore[no-untyped-def]
+                       postgres: PostgresResource) -> Iterator[dg.MaterializeResult]:
     obs.bootstrap()
     start, end = parse_range_key(context.partition_key)
     client = chain.client()

@@ -5,6 +5,8 @@ is repaired and then fails the run on purpose (the data is fixed, but it is an i
 a repair above the cap fails the run having touched nothing.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from orderbook_pipelines.ingestion.reconcile import ReconcileReport, RepairCapExceeded, reconcile
@@ -23,8 +25,8 @@ class ReconcileConfig(dg.Config):
     repair: bool = True
 
 
-def _metadata(report: ReconcileReport) -> dict[str, object]:
-    meta: dict[str, object] = dict(report.metadata())
+def _metadata(report: ReconcileReport) -> dict[str, Any]:
+    meta: dict[str, Any] = dict(report.metadata())
     if report.mismatched:
         meta["differences"] = dg.MetadataValue.json([
             {"range": d.key, "missing": d.missing, "extra": d.extra, "stored_events": d.stored_events,

@@ -128,7 +128,7 @@ def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int
         if plan.rule == "emitter":
             market_id = by_address.get(pos.address)
         elif plan.rule == "metric_hash":
-            market_id = by_hash.get(str(a[plan.market_arg]).lower())
+            market_id = by_hash.get(str(a[plan.market_arg or ""]).lower())
         else:
             market_id = None
         oid, trader, cp, buy_id, sell_id, buyer, seller = [None if n is None else _id_text(a[n]) for n in plan.ids]

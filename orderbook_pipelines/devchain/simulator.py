@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from eth_typing import HexStr
 from web3 import Web3
+from web3.types import RPCEndpoint
 
 from orderbook_pipelines.devchain.deploy import Deployment, artifact
 
@@ -62,7 +64,7 @@ class Simulator:
 
     # -- actions --------------------------------------------------------------------------------------------
     def _tx(self, sender: str, to: str, data: str) -> str:
-        resp = self.w3.provider.make_request("eth_sendTransaction", [
+        resp = self.w3.provider.make_request(RPCEndpoint("eth_sendTransaction"), [
             {"from": sender, "to": to, "data": data, "gas": hex(GAS), "gasPrice": hex(2 * 10**9)}])
         if resp.get("error"):
             raise RuntimeError(f"eth_sendTransaction failed: {resp['error']}")
@@ -120,7 +122,7 @@ class Simulator:
         placed1 = "0x" + Web3.keccak(text="OrderPlaced(uint256,address,string,uint8,uint8,uint256,uint256)").hex()
         placed2 = "0x" + Web3.keccak(text="OrderPlaced(bytes32,address,uint8,uint256,uint256,uint256)").hex()
         for tx_hash, m, _sender in self._pending:
-            r = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+            r = self.w3.eth.wait_for_transaction_receipt(HexStr(tx_hash), timeout=60)
             if r["status"] != 1:
                 self.stats.reverted += 1
                 continue
@@ -135,7 +137,7 @@ class Simulator:
     # -- drivers --------------------------------------------------------------------------------------------
     def run_batches(self, orders: int, per_block: int = 40) -> SimStats:
         """Automine off; `per_block` actions then one evm_mine, until `orders` actions were sent."""
-        self.w3.provider.make_request("evm_setAutomine", [False])
+        self.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
         try:
             done = 0
             while done < orders:
@@ -143,11 +145,11 @@ class Simulator:
                 for _ in range(n):
                     self.step()
                 done += n
-                self.w3.provider.make_request("evm_mine", [])
+                self.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
                 self.stats.blocks += 1
                 self.settle()
         finally:
-            self.w3.provider.make_request("evm_setAutomine", [True])
+            self.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
         return self.stats
 
     def run_forever(self, rate: float, report: Callable[[SimStats], None] | None = None) -> None:

@@ -67,7 +67,10 @@ class EventReader:
         rejected: list[Rejected] = []
         for raw in logs:
             d = self.decoder.decode(raw)
-            (decoded if isinstance(d, DecodedLog) else rejected).append(d)
+            if isinstance(d, DecodedLog):
+                decoded.append(d)
+            else:
+                rejected.append(d)
         return decoded, rejected
 
     def rows(self, decoded: list[DecodedLog], order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:

@@ -13,20 +13,18 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.live import metrics
+from orderbook_pipelines.live.hub import Hub
 from orderbook_pipelines.live.ratelimit import MovingWindow
-
-if TYPE_CHECKING:
-    from orderbook_pipelines.live.service import LiveService
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
@@ -108,8 +106,11 @@ def decode_cursor(raw: str | None, n: int) -> tuple[int, ...] | None:
 
 
 class Api:
-    def __init__(self, service: LiveService, requests_per_second: int = 50):
-        self.s = service
+    """Reads the published books from the hub and everything historical from Postgres; nothing else."""
+
+    def __init__(self, hub: Hub, engine: Engine, requests_per_second: int = 50):
+        self.hub = hub
+        self.engine = engine
         self.limiter = MovingWindow(requests_per_second)
         # Serialized bodies of the book-backed reads, valid while the hub's version is unchanged: at thousands
         # of requests/s per market a read is then a lookup (bench/live.py rest); the first read after a block
@@ -137,8 +138,8 @@ class Api:
             if required:
                 raise BadRequest("market", "market is required")
             return None
-        m = self.s.hub.by_name.get(name)
-        if m is None or m not in self.s.hub.publishable:
+        m = self.hub.by_name.get(name)
+        if m is None or m not in self.hub.publishable:
             raise BadRequest("market", f"unknown market {name!r}", 404, "unknown_market")
         return m
 
@@ -166,7 +167,7 @@ class Api:
         q = self._query(request)
         m = self._market(q)
         levels = _int(q, "levels", 20, 1, 100)
-        hub = self.s.hub
+        hub = self.hub
         key = (m, levels)
         hit = self._depth.get(key)  # type: ignore[arg-type]
         if hit is not None and hit[0] == hub.version:
@@ -222,7 +223,7 @@ class Api:
         statuses = list(STATUS_GROUPS.get(status, (status,))) if status else None
         limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         cursor = decode_cursor(q.get("cursor"), 2)
-        published = sorted(self.s.hub.publishable)
+        published = sorted(self.hub.publishable)
         sql = ("SELECT o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
                "o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block FROM orders o "
                "WHERE o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
@@ -235,7 +236,7 @@ class Api:
         rows = await run_in_threadpool(self._rows, sql, params)
         page = rows[:limit]
         nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
-        names = self.s.hub.names
+        names = self.hub.names
         return JSON({"orders": [
             {"market": names.get(r[2]), "order_id": r[3], "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
              "type": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
@@ -244,7 +245,7 @@ class Api:
 
     async def summary(self, request: Request) -> Response:
         self._query(request)
-        hub = self.s.hub
+        hub = self.hub
         stats, oi = await self.market_stats()
         cached = self._summary
         if cached is not None and cached[0] == hub.version and cached[1] is self._stats:
@@ -273,7 +274,7 @@ class Api:
         if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
             async with self._stats_lock:
                 if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
-                    pub = sorted(self.s.hub.publishable)
+                    pub = sorted(self.hub.publishable)
                     since = datetime.now(UTC) - timedelta(hours=24)
                     rows = await run_in_threadpool(self._rows, (
                         "SELECT market_id, sum(quantity), max(price), min(price), "
@@ -288,8 +289,13 @@ class Api:
                     self._stats_at = datetime.now(UTC).isoformat()
         return self._stats
 
+    @property
+    def stats_age_s(self) -> float:
+        """Seconds since the statistics were last computed (the service's timer refreshes them ahead of readers)."""
+        return time.monotonic() - self._stats_mono
+
     def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
-        with self.s.engine.connect() as conn:
+        with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(text(sql), params)]
 
 

@@ -72,7 +72,8 @@ class Cluster:
 
     def alive(self) -> list[str]:
         now = time.time()
-        return sorted(w.decode() for w in self.r.zrangebyscore(self.key("workers"), now - self.ttl_s, "+inf"))
+        ids = self.r.zrangebyscore(self.key("workers"), now - self.ttl_s, "+inf")
+        return sorted(w.decode() if isinstance(w, bytes) else str(w) for w in ids)
 
     def claim(self, market: str) -> None:
         """Take the fencing token of a market (the next publish by anyone else fails)."""
@@ -86,6 +87,7 @@ class Cluster:
                             "block": {"number": view.block_number, "hash": view.block_hash},
                             "bids": [[str(p), str(q)] for p, q in view.bids],
                             "asks": [[str(p), str(q)] for p, q in view.asks]}).decode()
+        assert self.worker_id is not None, "only a worker publishes"
         return int(self._publish(keys=[self.key("owner", market), self.key("seq", market), self.key("depth", market),
                                        self.key("updates", market)], args=[self.worker_id, doc]))
 

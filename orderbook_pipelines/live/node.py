@@ -1,4 +1,4 @@
-"""Wires a LiveService into the Redis cluster: membership and rebalancing for workers, the Redis feed for all.
+"""Wires a live process into the Redis cluster: membership and rebalancing for workers, the Redis feed for all.
 
 A worker (worker_id set) follows the chain for the markets it owns and publishes them, fenced, to Redis; any
 process, worker or API-only, serves its clients from the Redis feed.
@@ -6,28 +6,41 @@ process, worker or API-only, serves its clients from the Redis feed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.live.cluster import Cluster, RedisFeed, owner_of
 from orderbook_pipelines.live.follower import Update
+from orderbook_pipelines.live.hub import Hub
 from orderbook_pipelines.live.state import MarketView
-
-if TYPE_CHECKING:
-    from orderbook_pipelines.live.service import LiveService
 
 log = logging.getLogger(__name__)
 
 
+class OwnedMarkets(Protocol):
+    """What membership needs of the follower (live.follower.Follower): the market names it knows and the
+    markets it owns, which the membership thread changes through `set_owned`."""
+
+    market_names: dict[int, str]
+    owned: set[int] | None
+
+    def set_owned(self, markets: set[int]) -> None: ...
+
+
 class ClusterNode:
-    def __init__(self, service: LiveService, redis_url: str, worker_id: str | None, prefix: str = "obp:",
-                 ttl_s: float = 3.0):
-        self.service = service
+    """Ownership goes to the follower, views from Redis go to the hub on the event loop given to `start`."""
+
+    def __init__(self, hub: Hub, follower: OwnedMarkets, redis_url: str, worker_id: str | None,
+                 prefix: str = "obp:", ttl_s: float = 3.0):
+        self.hub = hub
+        self.follower = follower
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start(): the loop runs only after startup
         self.cluster = Cluster(redis_url, worker_id, prefix, ttl_s)
         self.worker = worker_id is not None
         self.feed = RedisFeed(self.cluster, self._resolve, self._deliver, self.deliver_rows)
@@ -35,13 +48,15 @@ class ClusterNode:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._membership_loop, name="membership", daemon=True)
         if self.worker:
-            service.follower.owned = set()  # owns nothing until membership says so
+            follower.owned = set()  # owns nothing until membership says so
 
     def _resolve(self, name: str) -> int | None:
-        return self.service.hub.by_name.get(name)
+        return self.hub.by_name.get(name)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Join (workers) and start the feed; its views are handed to the hub on `loop`."""
+        self.loop = loop
         if self.worker:
             self.cluster.heartbeat()
             self.rebalance()
@@ -67,17 +82,17 @@ class ClusterNode:
         alive = self.cluster.alive()
         if self.cluster.worker_id not in alive:
             alive.append(self.cluster.worker_id)  # type: ignore[arg-type]
-        names = self.service.follower.market_names
+        names = self.follower.market_names
         owned = {m for m, n in names.items() if owner_of(n, alive) == self.cluster.worker_id}
-        current = self.service.follower.owned or set()
+        current = self.follower.owned or set()
         for m in owned - current:
             self.cluster.claim(names[m])
-        self.service.follower.set_owned(owned)
+        self.follower.set_owned(owned)
         return owned
 
     # -- follower thread -> Redis ---------------------------------------------------------------------------
     def publish(self, update: Update) -> None:
-        names = self.service.follower.market_names
+        names = self.follower.market_names
         for v in update.views:
             if self.cluster.publish(names.get(v.market_id, str(v.market_id)), v, update.reason) < 0:
                 self.fenced += 1  # another worker owns it now; its adoption publishes the truth
@@ -87,16 +102,13 @@ class ClusterNode:
 
     # -- Redis feed -> event loop ---------------------------------------------------------------------------
     def _deliver(self, views: list[MarketView], reason: str) -> None:
-        loop = self.service.loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self.service.hub.on_update, Update("reset" if reason == "reset" else "block",
-                                                                         views))
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.hub.on_update, Update("reset" if reason == "reset" else "block", views))
 
     def deliver_rows(self, raw: bytes) -> None:
         doc = orjson.loads(raw)
         rows = [OrderEventRow(**r) for r in doc["rows"]]
         reason = "reorg" if doc.get("reverted_from") is not None else "block"
-        loop = self.service.loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self.service.hub.on_update,
-                                      Update(reason, [], rows, reverted_from=doc.get("reverted_from")))
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.hub.on_update,
+                                           Update(reason, [], rows, reverted_from=doc.get("reverted_from")))

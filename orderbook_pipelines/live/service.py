@@ -40,7 +40,7 @@ from orderbook_pipelines.live.node import ClusterNode
 from orderbook_pipelines.live.openapi import SPEC
 from orderbook_pipelines.live.redis_tier import RedisTier
 from orderbook_pipelines.live.ws import WsEndpoint
-from orderbook_pipelines.storage import registry as reg_store
+from orderbook_pipelines.quality.canary import publishable_market_ids
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,10 @@ class ServiceOptions:
     api_requests_per_second: int = 50
 
 
-def publishable_markets(engine: Engine, chain_id: int) -> set[int]:
-    """Active markets, plus canaries that passed their checks when the canary module decides (issue 4)."""
-    try:
-        from orderbook_pipelines.quality.canary import publishable_market_ids  # type: ignore[import-not-found]
-    except ImportError:
-        publishable_market_ids = None
+def publishable_markets(engine: Engine) -> set[int]:
+    """Active markets plus canaries that passed their checks: the canary policy decides (issue 4)."""
     with engine.connect() as conn:
-        if publishable_market_ids is not None:
-            return set(publishable_market_ids(conn))
-        return {m for m, st in reg_store.market_statuses(conn, chain_id).items() if st == "active"}
+        return set(publishable_market_ids(conn))
 
 
 class LiveService:
@@ -95,7 +89,7 @@ class LiveService:
             if not redis_url:
                 raise ValueError("cluster mode needs REDIS_URL")
             self.redis = None
-            self.node = ClusterNode(self, redis_url, worker_id, redis_prefix)
+            self.node = ClusterNode(self.hub, self.follower, redis_url, worker_id, redis_prefix)
 
     # -- follower -> loop -----------------------------------------------------------------------------------
     def _from_follower(self, update: Update) -> None:
@@ -120,7 +114,7 @@ class LiveService:
 
     def _refresh_markets(self) -> None:
         names = self.follower.market_names
-        self.hub.set_markets(names, publishable_markets(self.engine, self.config.chain.chain_id))
+        self.hub.set_markets(names, publishable_markets(self.engine))
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,7 +123,7 @@ class LiveService:
         if self.node is not None and not self.node.worker:  # API-only process: everything comes from Redis
             await asyncio.to_thread(self.follower.refresh_registry, True)
             await asyncio.to_thread(self._refresh_markets)
-            await asyncio.to_thread(self.node.start)
+            await asyncio.to_thread(self.node.start, self.loop)
             print(f"live: API process serving {len(self.hub.views)} markets from Redis", flush=True)
             return
         await asyncio.to_thread(self.follower.cold_start)
@@ -147,7 +141,7 @@ class LiveService:
             self.heads = HeadWatcher(ws_url_for(self.config.chain.rpc_url), self.follower.wake)
             self.heads.start()
         if self.node is not None:
-            await asyncio.to_thread(self.node.start)
+            await asyncio.to_thread(self.node.start, self.loop)
 
     async def stop(self) -> None:
         if self.node is not None:
@@ -164,7 +158,7 @@ class LiveService:
         while True:
             await asyncio.sleep(0.02)
             self.hub.flush_due()
-            if self.api is not None and time.monotonic() - self.api._stats_mono > 4.0:
+            if self.api is not None and self.api.stats_age_s > 4.0:
                 with contextlib.suppress(Exception):
                     await self.api.market_stats(max_age_s=4.0)
             if time.monotonic() - last_probe > 1.0:
@@ -213,7 +207,7 @@ class LiveService:
 
     # -- app ------------------------------------------------------------------------------------------------
     def app(self) -> Starlette:
-        api = self.api = Api(self, self.options.api_requests_per_second)
+        api = self.api = Api(self.hub, self.engine, self.options.api_requests_per_second)
 
         async def health(_: Request) -> Response:
             return JSONResponse({"status": "ok", **self.health()})

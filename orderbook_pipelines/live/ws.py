@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -173,19 +174,33 @@ class WsEndpoint:
                 conn.send(error("bad_request", "'trader' must be a 0x-prefixed 20-byte hex address", rid))
                 return
             trader = trader.lower()
-            self._toggle(conn, op, trader in conn.orders, rid, channel,
-                         lambda: (conn.orders.add(trader), hub.order_subs[trader].add(conn)),
-                         lambda: (conn.orders.discard(trader), hub.order_subs[trader].discard(conn)),
-                         {"trader": trader})
+
+            def add_trader() -> None:
+                conn.orders.add(trader)
+                hub.order_subs[trader].add(conn)
+
+            def drop_trader() -> None:
+                conn.orders.discard(trader)
+                hub.order_subs[trader].discard(conn)
+
+            self._toggle(conn, op, trader in conn.orders, rid, channel, add_trader, drop_trader, {"trader": trader})
             return
         m = self._market(conn, req, rid)
         if m is None:
             return
         name = hub.names[m]
         if channel == "trades":
-            self._toggle(conn, op, m in conn.trades, rid, channel,
-                         lambda: (conn.trades.add(m), hub.trade_subs[m].add(conn)),
-                         lambda: (conn.trades.discard(m), hub.trade_subs[m].discard(conn)), {"market": name})
+            market = m
+
+            def add_market() -> None:
+                conn.trades.add(market)
+                hub.trade_subs[market].add(conn)
+
+            def drop_market() -> None:
+                conn.trades.discard(market)
+                hub.trade_subs[market].discard(conn)
+
+            self._toggle(conn, op, m in conn.trades, rid, channel, add_market, drop_market, {"market": name})
             return
         depth, interval = req.get("depth", 20), req.get("interval_ms", 0)
         if depth not in DEPTHS or isinstance(depth, bool):
@@ -212,8 +227,8 @@ class WsEndpoint:
                              "interval_ms": interval}))
 
     @staticmethod
-    def _toggle(conn: Conn, op: str, present: bool, rid: Any, channel: str, add: Any, remove: Any,
-                what: dict[str, Any]) -> None:
+    def _toggle(conn: Conn, op: str, present: bool, rid: Any, channel: str, add: Callable[[], None],
+                remove: Callable[[], None], what: dict[str, Any]) -> None:
         if op == "subscribe":
             if present:
                 conn.send(error("already_subscribed", f"already subscribed to this {channel} channel", rid))

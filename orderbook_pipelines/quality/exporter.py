@@ -28,6 +28,8 @@ class StateCollector(Collector):
         t0 = time.perf_counter()
         c = self.config.chain
         up = 1.0
+        head: int | None
+        safe: int | None
         chain_fams: list[GaugeMetricFamily] = []
         try:
             head = self.chain.block_number()

@@ -109,7 +109,12 @@ def snapshot_of(mr: MarketReplay, market_id: int, market: str, block: int, block
     for key, o in book.orders.items():
         if o.resting <= 0 or o.side is None or o.price is None or o.quantity is None:
             continue
-        contract, order_id, trader = mr.traders.get(key) or (*key.split(":", 1), None)
+        known = mr.traders.get(key)
+        if known is not None:
+            contract, order_id, trader = known
+        else:  # restored without traders: the key still names the order (book.model.order_key)
+            contract, _, order_id = key.partition(":")
+            trader = None
         orders.append(SnapshotOrder(contract, order_id, trader, o.side, o.price, o.quantity, o.filled))
     orders.sort(key=lambda s: (s.contract, s.order_id))
     n = len(book.orders) + 1
@@ -247,7 +252,7 @@ def books_at(conn: Connection, block: int, market_ids: list[int] | None = None, 
     """
     names = market_names(conn, chain_id, market_ids)
     ids = sorted(names)
-    stored_hash = {}
+    stored_hash: dict[int, str] = {}
     if use_snapshots and ids:
         snaps = latest_snapshots(conn, ids, block, strictly_before)
         blocks_needed = sorted({s.block_number for lst in snaps.values() for s in lst[:3]})

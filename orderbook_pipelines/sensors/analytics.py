@@ -6,7 +6,7 @@ import dagster as dg
 from sqlalchemy import text
 
 from orderbook_pipelines.jobs import analytics_job
-from orderbook_pipelines.partitions import markets
+from orderbook_pipelines.partitions import MARKETS, markets
 from orderbook_pipelines.resources import PostgresResource
 
 MAX_RUNS_PER_TICK = 20
@@ -18,17 +18,18 @@ MAX_RUNS_PER_TICK = 20
 def market_registry_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SensorResult:
     with postgres.engine().connect() as conn:
         ids = [r[0] for r in conn.execute(text("SELECT market_id FROM markets ORDER BY market_id"))]
-        marks = dict(conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
+        marks: dict[int, int] = dict(
+            conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
     return plan_markets_tick(context, ids, marks)
 
 
 def plan_markets_tick(context: dg.SensorEvaluationContext, market_ids: list[int],
                       trade_marks: dict[int, int]) -> dg.SensorResult:
-    existing = set(context.instance.get_dynamic_partitions(markets.name))
+    existing = set(context.instance.get_dynamic_partitions(MARKETS))
     keys = [str(m) for m in market_ids]
     new = [k for k in keys if k not in existing]
     seen = json.loads(context.cursor) if context.cursor else {}
-    requests = []
+    requests: list[dg.RunRequest] = []
     for m in market_ids:
         mark = trade_marks.get(m)
         if mark is None or seen.get(str(m)) == mark or len(requests) >= MAX_RUNS_PER_TICK:

@@ -1,68 +1,79 @@
 """Follows the safe (confirmed or finalized) head: adds block-range partitions and requests their runs.
 
-Complete ranges run once (run key = partition key). The open tip range runs again each time
-`tip_interval_blocks` more blocks became final (run key = partition key @ safe head), so recent data lands
-without waiting for the window to close. The live process, not Dagster, owns the unconfirmed tip.
+What to request is read from the truth, not from the sensor's memory: a range is requested while its checkpoint
+(storage/checkpoints.py, committed with its events and projections) does not cover it up to the safe head,
+unless a run of that partition is already queued or running, or failed moments ago. So a run killed mid-way
+is requested again, a queued range is never requested twice, and a Dagster backfill of the same partitions is
+not duplicated. The open tip range runs again once `tip_interval_blocks` more blocks are final beyond what
+is stored. The live process, not Dagster, owns the unconfirmed tip.
 """
 
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
-import json
-
-from dagster import (
-    DefaultSensorStatus,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
-    SkipReason,
-    sensor,
-)
+import dagster as dg
 
 from orderbook_pipelines.chain.rpc import RpcError
 from orderbook_pipelines.config import ConfigError
 from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
 from orderbook_pipelines.jobs import ingest_job
-from orderbook_pipelines.partitions import block_ranges
-from orderbook_pipelines.resources import ChainResource, SettingsResource
+from orderbook_pipelines.partitions import BLOCK_RANGES, block_ranges
+from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
+from orderbook_pipelines.storage import checkpoints
 
 MAX_RUNS_PER_TICK = 25
+RETRY_AFTER = timedelta(minutes=2)  # a range whose run just failed waits this long (a reorg goes to reconcile)
+PARTITION_TAG = "dagster/partition"
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
-@sensor(job=ingest_job, minimum_interval_seconds=15, default_status=DefaultSensorStatus.RUNNING,
-        description="Adds block-range partitions as the chain's safe head advances and requests their runs.")
-def chain_head_sensor(context: SensorEvaluationContext, settings: SettingsResource,
-                      chain: ChainResource) -> SensorResult | SkipReason:
+@dg.sensor(job=ingest_job, minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Adds block-range partitions as the chain's safe head advances and requests runs for "
+           "ranges the checkpoints do not cover yet (never for one already queued or running).")
+def chain_head_sensor(context: dg.SensorEvaluationContext, settings: SettingsResource, chain: ChainResource,
+                      postgres: PostgresResource) -> dg.SensorResult | dg.SkipReason:
     try:
         cfg = settings.load()
         safe = chain.client().safe_head(cfg.chain.finality, cfg.chain.confirmations)
     except (ConfigError, RpcError) as exc:
-        return SkipReason(f"cannot read the chain head: {exc}")
-    return plan_tick(context, cfg.chain.start_block, cfg.chain.range_size, cfg.chain.tip_interval_blocks, safe)
+        return dg.SkipReason(f"cannot read the chain head: {exc}")
+    with postgres.engine().connect() as conn:
+        stored = {c.range_start: c.processed_to for c in checkpoints.all_ranges(conn, cfg.chain.chain_id)}
+    return plan_tick(context, cfg.chain.start_block, cfg.chain.range_size, cfg.chain.tip_interval_blocks, safe,
+                     stored, busy_partitions(context.instance, ingest_job.name))
 
 
-def plan_tick(context: SensorEvaluationContext, start_block: int, range_size: int, tip_interval: int,
-              safe: int) -> SensorResult | SkipReason:
-    cursor = json.loads(context.cursor) if context.cursor else {"complete_through": start_block - 1, "tip": -1}
+def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None) -> set[str]:
+    """Partitions of `job_name` with a run queued or in progress, or whose run failed within RETRY_AFTER."""
+    now = now or datetime.now(UTC)
+    busy = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT))
+    failed = instance.get_run_records(filters=dg.RunsFilter(
+        job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE], updated_after=now - RETRY_AFTER))
+    return {key for r in (*busy, *failed) if (key := r.dagster_run.tags.get(PARTITION_TAG))}
+
+
+def plan_tick(context: dg.SensorEvaluationContext, start_block: int, range_size: int, tip_interval: int,
+              safe: int, stored: Mapping[int, int], busy: set[str]) -> dg.SensorResult | dg.SkipReason:
+    """`stored`: range_start -> processed_to of the checkpoints; `busy`: partitions not to request now."""
     ranges = ranges_up_to(start_block, range_size, safe)
     if not ranges:
-        return SkipReason(f"safe head {safe} is below the start block {start_block}")
+        return dg.SkipReason(f"safe head {safe} is below the start block {start_block}")
     keys = [range_key(a, b) for a, b in ranges]
-    existing = set(context.instance.get_dynamic_partitions(block_ranges.name))
+    existing = set(context.instance.get_dynamic_partitions(BLOCK_RANGES))
     new_keys = [k for k in keys if k not in existing]
 
-    requests: list[RunRequest] = []
-    complete_through = cursor["complete_through"]
+    requests: list[dg.RunRequest] = []
     for (a, b), key in zip(ranges, keys, strict=True):
-        if b <= complete_through or len(requests) >= MAX_RUNS_PER_TICK:
+        have, target = stored.get(a, a - 1), min(b, safe)
+        if have >= target or key in busy:
             continue
-        if b <= safe:
-            requests.append(RunRequest(partition_key=key, run_key=key, tags={"obp/range": key}))
-            complete_through = b
-        elif safe - max(cursor["tip"], a - 1) >= tip_interval:
-            requests.append(RunRequest(partition_key=key, run_key=f"{key}@{safe}", tags={"obp/range": key}))
-            cursor["tip"] = safe
-    cursor["complete_through"] = complete_through
-    return SensorResult(
+        if b > safe and target - max(have, a - 1) < tip_interval:
+            continue  # the open tip range: wait until tip_interval more blocks are final beyond what is stored
+        requests.append(dg.RunRequest(partition_key=key, tags={"obp/range": key, "obp/safe_head": str(safe)}))
+        if len(requests) >= MAX_RUNS_PER_TICK:
+            break
+    return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[block_ranges.build_add_request(new_keys)] if new_keys else [],
-        cursor=json.dumps(cursor),
     )

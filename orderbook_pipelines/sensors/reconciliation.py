@@ -26,7 +26,7 @@ reconcile_schedule = ScheduleDefinition(
 def reorg_failure(context: RunFailureSensorContext) -> str | None:
     """The ReorgDetected message of a failed ingestion run, if that is why it failed."""
     for ev in context.get_step_failure_events():
-        err = ev.event_specific_data.error if ev.event_specific_data else None
+        err = ev.step_failure_data.error if ev.is_step_failure else None
         while err is not None:
             if err.cls_name == "ReorgDetected":
                 return err.message

@@ -146,7 +146,7 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
     """
     lo = (start // width) * width
     names = [f"order_events_b{base:012d}" for base in range(lo, end + 1, width)]
-    tuples = dict(conn.execute(
+    tuples: dict[str, float] = dict(conn.execute(
         text("SELECT relname, reltuples FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).all())
     for name in names:
         if tuples.get(name, -1) < max(inserted, 1):  # never analyzed (-1), empty, or doubled by this load
