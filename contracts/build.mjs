@@ -23,6 +23,7 @@ const ARTIFACTS_DIR = path.join(CONTRACTS_DIR, "artifacts");
 const TARGETS = [
   ["OrderRouter", "contracts/src/gen1/OrderRouter.sol"],
   ["OrderBook", "contracts/src/gen1/OrderBook.sol"],
+  ["MultiMarketCaller", "contracts/src/gen1/MultiMarketCaller.sol"], // one transaction, several markets
   ["AluminumOrderBook", "contracts/src/gen2/AluminumOrderBook.sol"],
   ["EventSpammer", "contracts/src/bench/EventSpammer.sol"], // load generator for bench/ only
 ];

@@ -11,12 +11,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from web3 import Web3
 from web3.contract import Contract
 from web3.providers.rpc import HTTPProvider
+from web3.types import TxParams
 
 from orderbook_pipelines.config import PROJECT_ROOT
 
@@ -43,7 +44,7 @@ def wait_for_chain(rpc_url: str, timeout_s: float = 60.0) -> Web3:
 
 def send(w3: Web3, sender: str, tx: dict[str, Any]) -> dict[str, Any]:
     """Send from an unlocked dev account and wait for the receipt; a revert is an error here."""
-    tx_hash = w3.eth.send_transaction({"from": sender, "gas": GAS, **tx})
+    tx_hash = w3.eth.send_transaction(cast(TxParams, {"from": sender, "gas": GAS, **tx}))
     receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
     if receipt["status"] != 1:
         raise RuntimeError(f"transaction {tx_hash.hex()} reverted")
@@ -84,8 +85,17 @@ def deploy(rpc_url: str, gen1_markets: list[str], gen2_markets: list[str]) -> De
     return dep
 
 
+def deploy_multicaller(w3: Web3, router: str, owner: str | None = None) -> Contract:
+    """The reference batcher (contracts/src/gen1/MultiMarketCaller.sol) for a deployed router. It is not indexed:
+    the router's events are, with the batcher as their trader. Only `owner` (default: the first dev account) may
+    call it."""
+    owner = owner or w3.eth.accounts[0]
+    return deploy_contract(w3, owner, "MultiMarketCaller", Web3.to_checksum_address(router))
+
+
 # How the generation-1 router's events map onto canonical kinds (its events carry no market address: the
-# metric hash names the market of OrderPlaced; fills and cancels take the market of their transaction).
+# metric hash names the market of OrderPlaced; fills and cancels take the market of their order: the `tx` rule
+# of chain/normalize.py, where the transaction decides only for an unknown order in a single-market transaction).
 GEN1_ROUTER_EVENTS: dict[str, Any] = {
     "OrderPlaced": {"kind": "open", "market": "metric_hash:metricId",
                     "fields": {"order_id": "orderId", "trader": "trader", "side": "side", "order_type": "orderType",

@@ -4,8 +4,8 @@ pragma solidity ^0.8.24;
 /// @title EventSpammer (benchmarks only)
 /// @notice Load generator for bench/: emits generation-1 OrderRouter-shaped events (same signatures, same
 ///         indexed layout) in bulk, so the indexer can be pointed at it with the OrderRouter ABI and the gen-1
-///         event mapping. One call = one market (gen-1 OrderExecuted/OrderCancelled carry no market and take it
-///         from the other logs of their transaction).
+///         event mapping. One call = one market (gen-1 OrderExecuted/OrderCancelled carry no market and take the
+///         market of their order).
 ///
 ///         `burst(metricId, firstId, opens, mid, tick, unit)` emits, for i in [0, opens):
 ///           OrderPlaced(firstId+i): limit, side i%2, price mid -/+ (1 + (i/2)%50) ticks (bids below asks),
