@@ -80,7 +80,7 @@ def make_devchain(anvil: Anvil, tmp: Path, gen1: list[str], gen2: list[str], con
 @pytest.fixture(scope="session")
 def simulated_chain(anvil_factory: type[Anvil], tmp_path_factory: pytest.TempPathFactory) -> DevChain:
     """12 markets (8 gen-1, 4 gen-2) and 5,000 simulated orders, then enough blocks to make them final."""
-    from orderbook_pipelines.cli.app import GEN1_MARKETS, GEN2_MARKETS
+    from orderbook_pipelines.cli.devchain import GEN1_MARKETS, GEN2_MARKETS
     from orderbook_pipelines.devchain.simulator import Simulator
 
     anvil = anvil_factory()

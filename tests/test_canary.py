@@ -12,7 +12,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli.app import app
+from orderbook_pipelines.cli import app
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import ranges_up_to

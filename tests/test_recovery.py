@@ -17,7 +17,7 @@ from web3 import Web3
 
 from orderbook_pipelines.book.model import BUY, SELL
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli.app import app
+from orderbook_pipelines.cli import app
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.ingestion.ingest import ingest_range
@@ -77,7 +77,7 @@ def clean(simulated_chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from orderbook_pipelines.cli.app import app; app()", *args]
+    return [sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", *args]
 
 
 def _wait_blocked(db: str, proc: subprocess.Popen, pattern: str) -> int:
@@ -111,10 +111,10 @@ def _backend_gone(db: str, pid: int) -> None:
 #  tables the killed transaction writes: they must be exactly as before the kill)
 SCENARIOS = {
     "event-write": ("ingestion_checkpoints", "INSERT INTO ingestion_checkpoints", "ingest", 3, set(TABLES)),
-    # (pg_stat_activity keeps the first 1 kB of a query: the orders upsert is known by its opening CTE;
-    #  the range's events committed just before, in their own transaction, as designed)
+    # (pg_stat_activity keeps the first 1 kB of a query: the orders upsert is known by its opening CTE; the
+    #  range's events share its transaction, so nothing of the range may be visible: one unit of work)
     "projection-write": ("orders", "WITH touched AS ( SELECT DISTINCT contract, order_id", "ingest", 3,
-                         {"orders", "trades", "positions"}),
+                         set(TABLES)),
     "snapshot-write": ("depth_snapshots", "DELETE FROM depth_snapshots", "snapshot", None, set(TABLES)),
 }
 

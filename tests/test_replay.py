@@ -29,7 +29,7 @@ from orderbook_pipelines.book.replay import (
     replay,
 )
 from orderbook_pipelines.chain.rpc import ChainClient
-from orderbook_pipelines.cli.app import app
+from orderbook_pipelines.cli import app
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.devchain.simulator import Simulator
@@ -240,7 +240,7 @@ def _run(path: Path, seed: str | None = None) -> str:
         assert result.exit_code == 0, result.output
         return result.stdout
     env = {**os.environ, "PYTHONHASHSEED": seed}
-    proc = subprocess.run([sys.executable, "-c", "from orderbook_pipelines.cli.app import app; app()", "replay", "run",
+    proc = subprocess.run([sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", "replay", "run",
                            str(path)], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, check=True)
     return proc.stdout
 

@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from orderbook_pipelines.cli.app import app
+from orderbook_pipelines.cli import app
 from orderbook_pipelines.config import PROJECT_ROOT
 
 RUNBOOKS = sorted((PROJECT_ROOT / "docs" / "runbooks").glob("*.md"))

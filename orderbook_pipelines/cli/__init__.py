@@ -1,0 +1,50 @@
+"""`orderbook` command line: database setup, dev chain, manual ingestion and the market registry.
+
+One module per command group; every module imports its heavy libraries (SQLAlchemy, web3, Dagster, pydantic
+settings) inside the commands, so `orderbook --help` starts in a fraction of a second (tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from orderbook_pipelines.cli import (
+    check,
+    db,
+    devchain,
+    ingest,
+    live,
+    markets,
+    metrics,
+    reconcile,
+    reorgs,
+    replay,
+    snapshot,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="`orderbook` command line: database setup, dev chain, manual ingestion and the market registry.")
+
+
+@app.callback()
+def _bootstrap() -> None:
+    # Secret files and JSON logs before any command runs; obs (structlog) is imported here, not at start.
+    from orderbook_pipelines import obs
+
+    obs.bootstrap()
+
+
+app.command("wait-config")(ingest.wait_config)
+app.command("ingest")(ingest.ingest)
+app.add_typer(db.app, name="db")
+app.add_typer(devchain.app, name="devchain")
+app.add_typer(markets.app, name="markets")
+app.add_typer(live.app, name="live")
+app.add_typer(snapshot.app, name="snapshot")
+app.add_typer(replay.app, name="replay")
+app.add_typer(reconcile.app, name="reconcile")
+app.add_typer(check.app, name="check")
+app.add_typer(reorgs.app, name="reorgs")
+app.add_typer(metrics.app, name="metrics")
+
+__all__ = ["app"]

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
 from orderbook_pipelines.cli.common import chain_client, config, engine
 
-metrics_app = typer.Typer(no_args_is_help=True, help="State exporter for Prometheus (chain vs index, checks).")
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+app = typer.Typer(no_args_is_help=True, help="State exporter for Prometheus (chain vs index, checks).")
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> CollectorRegistry:
     from orderbook_pipelines.quality.exporter import registry_for
 
     cfg = config()
     return registry_for(cfg, engine(migrate=False), chain_client(cfg, retries=1))
 
 
-@metrics_app.command("show")
+@app.command("show")
 def show() -> None:
     """Print the exported state once (Prometheus text format): head, indexed, lag, reorgs, failing checks."""
     from prometheus_client import generate_latest
@@ -26,7 +30,7 @@ def show() -> None:
     typer.echo(generate_latest(_registry()).decode(), nl=False)
 
 
-@metrics_app.command("serve")
+@app.command("serve")
 def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(9464, min=1, max=65535)) -> None:
     """Serve the state on http://HOST:PORT/metrics until interrupted."""
     from prometheus_client import start_http_server
