@@ -63,12 +63,11 @@ def ingest_block_range(context: dg.AssetExecutionContext, settings: SettingsReso
         "rpc_calls": client.stats["rpc_calls"],
         "rpc_range_splits": client.stats["range_splits"],
     })
-    yield dg.MaterializeResult(asset_key="trades", metadata={"trades_inserted": report.trades_inserted,
-                                                             "blocks": blocks})
-    yield dg.MaterializeResult(asset_key="orders", metadata={"orders_touched": report.orders_touched,
-                                                             "orders_changed": report.orders_changed,
-                                                             "blocks": blocks})
-    yield dg.MaterializeResult(asset_key="positions", metadata={"positions_changed": report.positions_changed,
+    p = report.projection
+    yield dg.MaterializeResult(asset_key="trades", metadata={"trades_inserted": p.trades_inserted, "blocks": blocks})
+    yield dg.MaterializeResult(asset_key="orders", metadata={"orders_touched": p.orders_touched,
+                                                             "orders_changed": p.orders_changed, "blocks": blocks})
+    yield dg.MaterializeResult(asset_key="positions", metadata={"positions_changed": p.positions_changed,
                                                                 "blocks": blocks})
 
 

@@ -39,7 +39,7 @@ def ingest(start: int = typer.Option(..., "--from", min=0,
             typer.echo(f"{out.start}-{out.end}: not final yet; stopping here")
             break
         typer.echo(f"{out.start}-{r.processed_to}: {r.events} events ({r.events_inserted} new), {r.rejected} "
-                   f"rejected, {r.orders_changed} orders changed")
+                   f"rejected, {r.projection.orders_changed} orders changed")
         if not r.complete:
             break
 

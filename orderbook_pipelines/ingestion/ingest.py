@@ -22,7 +22,7 @@ from orderbook_pipelines.ingestion import metrics as ingest_metrics
 from orderbook_pipelines.ingestion.ranges import RangeNotFinal
 from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.storage import registry
-from orderbook_pipelines.storage.projections import project_range
+from orderbook_pipelines.storage.projections import RangeProjection, project_range
 from orderbook_pipelines.storage.writer import RangeWrite, write_range
 
 __all__ = ["RangeNotFinal", "RangeReport", "ingest_range"]
@@ -42,10 +42,7 @@ class RangeReport:
     unresolved_market: int
     markets_discovered: int
     seconds: float
-    trades_inserted: int = 0
-    orders_touched: int = 0
-    orders_changed: int = 0
-    positions_changed: int = 0
+    projection: RangeProjection  # committed in the same transaction as the events
 
     @property
     def events_per_s(self) -> float:
@@ -114,9 +111,7 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=len(logs),
         events=len(rows), events_inserted=result.events_inserted, rejected=len(rejected),
         unresolved_market=sum(1 for r in rows if r.market_id is None), markets_discovered=discovered,
-        seconds=time.perf_counter() - t0, trades_inserted=projected.trades_inserted,
-        orders_touched=projected.orders_touched, orders_changed=projected.orders_changed,
-        positions_changed=projected.positions_changed,
+        seconds=time.perf_counter() - t0, projection=projected,
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -174,33 +173,14 @@ class WsEndpoint:
                 conn.send(error("bad_request", "'trader' must be a 0x-prefixed 20-byte hex address", rid))
                 return
             trader = trader.lower()
-
-            def add_trader() -> None:
-                conn.orders.add(trader)
-                hub.order_subs[trader].add(conn)
-
-            def drop_trader() -> None:
-                conn.orders.discard(trader)
-                hub.order_subs[trader].discard(conn)
-
-            self._toggle(conn, op, trader in conn.orders, rid, channel, add_trader, drop_trader, {"trader": trader})
+            self._toggle(conn, op, trader, conn.orders, hub.order_subs[trader], rid, channel, {"trader": trader})
             return
         m = self._market(conn, req, rid)
         if m is None:
             return
         name = hub.names[m]
         if channel == "trades":
-            market = m
-
-            def add_market() -> None:
-                conn.trades.add(market)
-                hub.trade_subs[market].add(conn)
-
-            def drop_market() -> None:
-                conn.trades.discard(market)
-                hub.trade_subs[market].discard(conn)
-
-            self._toggle(conn, op, m in conn.trades, rid, channel, add_market, drop_market, {"market": name})
+            self._toggle(conn, op, m, conn.trades, hub.trade_subs[m], rid, channel, {"market": name})
             return
         depth, interval = req.get("depth", 20), req.get("interval_ms", 0)
         if depth not in DEPTHS or isinstance(depth, bool):
@@ -227,19 +207,23 @@ class WsEndpoint:
                              "interval_ms": interval}))
 
     @staticmethod
-    def _toggle(conn: Conn, op: str, present: bool, rid: Any, channel: str, add: Callable[[], None],
-                remove: Callable[[], None], what: dict[str, Any]) -> None:
+    def _toggle(conn: Conn, op: str, key: Any, mine: set[Any], subscribers: set[Conn], rid: Any, channel: str,
+                what: dict[str, Any]) -> None:
+        """(Un)subscribe `conn` to the `key` channel: its own set of keys and the hub's subscribers of the key."""
+        present = key in mine
         if op == "subscribe":
             if present:
                 conn.send(error("already_subscribed", f"already subscribed to this {channel} channel", rid))
                 return
-            add()
+            mine.add(key)
+            subscribers.add(conn)
             metrics.SUBSCRIPTIONS.inc()
             conn.send(dumps({"type": "subscribed", "id": rid, "channel": channel, **what}))
         else:
             if not present:
                 conn.send(error("not_subscribed", f"not subscribed to this {channel} channel", rid))
                 return
-            remove()
+            mine.discard(key)
+            subscribers.discard(conn)
             metrics.SUBSCRIPTIONS.dec()
             conn.send(dumps({"type": "unsubscribed", "id": rid, "channel": channel, **what}))
