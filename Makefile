@@ -49,7 +49,8 @@ bench: setup
 	export DATABASE_URL="$$db_url" REDIS_URL="$$redis_url" OBP_ANVIL="$(ANVIL)"; \
 	$(VENV)/bin/python -m bench.backfill $(BENCH_ARGS); \
 	$(VENV)/bin/python -m bench.live $(BENCH_LIVE_ARGS); \
-	$(VENV)/bin/python -m bench.scale_markets
+	$(VENV)/bin/python -m bench.scale_markets; \
+	$(VENV)/bin/python -m bench.cli_start
 
 run:
 	@bash scripts/run.sh
