@@ -64,7 +64,8 @@ from bench.common import (
 )
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.anvil import free_port
-from orderbook_pipelines.recovery.snapshots import build_snapshots, store_snapshots
+from orderbook_pipelines.recovery.restore import build_snapshots
+from orderbook_pipelines.recovery.store import store_snapshots
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.db import engine_for, libpq_url
 from orderbook_pipelines.storage.writer import _EVENT_COLUMNS

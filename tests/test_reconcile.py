@@ -231,7 +231,8 @@ def test_dagster_ingestion_fails_on_the_fork_the_sensor_asks_for_reconciliation_
 
 def test_repair_drops_depth_snapshots_built_on_the_replaced_history(forked: tuple[DevChain, str],
                                                                     tmp_path: Path) -> None:
-    from orderbook_pipelines.recovery.snapshots import build_snapshots, store_snapshots
+    from orderbook_pipelines.recovery.restore import build_snapshots
+    from orderbook_pipelines.recovery.store import store_snapshots
 
     chain, db = forked
     stored = _stored_ranges(db)

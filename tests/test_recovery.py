@@ -22,7 +22,8 @@ from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import ranges_up_to
-from orderbook_pipelines.recovery.snapshots import build_snapshots, store_snapshots
+from orderbook_pipelines.recovery.restore import build_snapshots
+from orderbook_pipelines.recovery.store import store_snapshots
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 

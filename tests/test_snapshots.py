@@ -23,18 +23,10 @@ from orderbook_pipelines.devchain.deploy import artifact
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
 from orderbook_pipelines.partitions import block_ranges
-from orderbook_pipelines.recovery.snapshots import (
-    RetentionPolicy,
-    apply_retention,
-    books_at,
-    build_snapshots,
-    expired,
-    load_orders,
-    load_snapshot_books,
-    replay_from_orders,
-    restore_books,
-    store_snapshots,
-)
+from orderbook_pipelines.recovery.restore import books_at, build_snapshots, restore_books
+from orderbook_pipelines.recovery.retention import RetentionPolicy, apply_retention, expired
+from orderbook_pipelines.recovery.snapshots import replay_from_orders
+from orderbook_pipelines.recovery.store import load_orders, load_snapshot_books, store_snapshots
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource, SnapshotStoreResource
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database

@@ -6,7 +6,9 @@ import dagster as dg
 
 from orderbook_pipelines.ingestion.ranges import parse_range_key
 from orderbook_pipelines.partitions import block_ranges
-from orderbook_pipelines.recovery.snapshots import apply_retention, build_snapshots, store_snapshots
+from orderbook_pipelines.recovery.restore import build_snapshots
+from orderbook_pipelines.recovery.retention import apply_retention
+from orderbook_pipelines.recovery.store import store_snapshots
 from orderbook_pipelines.resources import PostgresResource, SettingsResource, SnapshotStoreResource
 from orderbook_pipelines.storage import checkpoints
 

@@ -40,13 +40,10 @@ def snapshot_create(block: int | None = typer.Option(None, min=0, help="default:
                     full: bool = typer.Option(False, help="full replay instead of previous snapshot + events"),
                     retention: bool = typer.Option(True, help="apply the retention policy afterwards")) -> None:
     """Snapshot every market at a range boundary (what the depth_snapshots asset does per range)."""
-    from orderbook_pipelines.recovery.snapshots import (
-        RetentionPolicy,
-        SnapshotSettings,
-        apply_retention,
-        build_snapshots,
-        store_snapshots,
-    )
+    from orderbook_pipelines.recovery.restore import build_snapshots
+    from orderbook_pipelines.recovery.retention import RetentionPolicy, apply_retention
+    from orderbook_pipelines.recovery.snapshots import SnapshotSettings
+    from orderbook_pipelines.recovery.store import store_snapshots
     from orderbook_pipelines.storage.checkpoints import NotIngested
 
     env = SnapshotSettings()
@@ -71,7 +68,7 @@ def snapshot_restore(market: str = typer.Option(..., help="market id or metric i
                      depth: int = typer.Option(5, min=0, help="levels to print per side")) -> None:
     """Rebuild a book from the latest snapshot <= block plus the stored events after it; print its state hash."""
     from orderbook_pipelines.book.model import BUY, SELL
-    from orderbook_pipelines.recovery.snapshots import restore
+    from orderbook_pipelines.recovery.restore import restore
     from orderbook_pipelines.storage.checkpoints import NotIngested
 
     mid = market_id(market)
@@ -99,7 +96,8 @@ def snapshot_restore(market: str = typer.Option(..., help="market id or metric i
 def snapshot_verify(block: int | None = typer.Option(None, min=0)) -> None:
     """Every stored snapshot (row + Parquet object) and the restored books against a strict full replay."""
     from orderbook_pipelines.book.replay import ReplayError
-    from orderbook_pipelines.recovery.snapshots import SnapshotSettings, verify
+    from orderbook_pipelines.recovery.restore import verify
+    from orderbook_pipelines.recovery.snapshots import SnapshotSettings
     from orderbook_pipelines.storage.checkpoints import NotIngested
 
     t0 = time.perf_counter()

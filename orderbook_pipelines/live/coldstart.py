@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from orderbook_pipelines.book.model import Book
 from orderbook_pipelines.gc_pause import gc_paused
-from orderbook_pipelines.recovery.snapshots import restore_books
+from orderbook_pipelines.recovery.restore import restore_books
 from orderbook_pipelines.storage import checkpoints
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from orderbook_pipelines.recovery.snapshots import RetentionPolicy, SnapshotSettings
+from orderbook_pipelines.recovery.retention import RetentionPolicy
+from orderbook_pipelines.recovery.snapshots import SnapshotSettings
 
 
 class SnapshotStoreResource(dg.ConfigurableResource):
