@@ -129,12 +129,14 @@ _FILL_MARKETS_OF_RANGE = text("""
       AND o.chain_id = :c AND o.kind = 'open' AND o.contract = f.contract AND o.order_id = f.order_id
       AND o.market_id IS NOT NULL AND f.market_id IS DISTINCT FROM o.market_id
 """)
+# Only fills after the range can have been stored before it (a fill never precedes its open's block), and in an
+# in-order backfill there are few: the scan is bounded by what was ingested ahead, not by the range's opens.
 _FILL_MARKETS_OF_OPENS = text("""
     UPDATE order_events f SET market_id = o.market_id
     FROM order_events o
-    WHERE o.chain_id = :c AND o.block_number BETWEEN :s AND :e AND o.kind = 'open' AND o.market_id IS NOT NULL
-      AND f.chain_id = :c AND f.kind IN ('fill', 'cancel') AND f.contract = o.contract AND f.order_id = o.order_id
-      AND f.market_id IS DISTINCT FROM o.market_id
+    WHERE f.chain_id = :c AND f.block_number > :e AND f.kind IN ('fill', 'cancel') AND f.order_id IS NOT NULL
+      AND o.chain_id = :c AND o.block_number BETWEEN :s AND :e AND o.kind = 'open' AND o.market_id IS NOT NULL
+      AND o.contract = f.contract AND o.order_id = f.order_id AND f.market_id IS DISTINCT FROM o.market_id
 """)
 
 
