@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import Connection, Engine
 
@@ -105,7 +105,7 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         faults.crash_point("events_written")
         projected = project_range(conn, cid, start, processed_to)
         faults.crash_point("projected")
-        ingest_metrics.stage("project", mark, **projected.__dict__)
+        ingest_metrics.stage("project", mark, **asdict(projected))
     faults.crash_point("committed")
     return RangeReport(
         range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=len(logs),
