@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """Raised with a human-readable list of every configuration problem."""
 
 
+class _Problems(ValueError):
+    """Every cross-check problem at once: pydantic keeps one error per validator, the message lists each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class EventKind(StrEnum):
     """Canonical event kinds every contract generation is mapped onto."""
 
@@ -118,6 +126,37 @@ class Source(Strict):
     def abi_entries(self) -> list[dict]:
         return load_abi(self.abi)
 
+    @cached_property
+    def abi_events(self) -> dict[str, dict]:
+        """The ABI's events by name (the decoder and the mapping checks read the same one)."""
+        return {e["name"]: e for e in self.abi_entries if e.get("type") == "event"}
+
+
+def _mapping_problems(src: Source) -> list[str]:
+    """Each event mapping checked against its ABI event, so a typo fails at load time, not deep in ingestion."""
+    problems: list[str] = []
+    try:
+        events = src.abi_events
+    except ValueError as exc:  # unreadable ABI file: reported with the other problems
+        return [f"source {src.name}: {exc}"]
+    for ev, mapping in src.events.items():
+        abi_ev = events.get(ev)
+        if abi_ev is None:
+            problems.append(f"source {src.name}: event {ev!r} is not in ABI {src.abi} ({sorted(events)})")
+            continue
+        args = [i["name"] for i in abi_ev["inputs"]]
+        for canon, arg in mapping.fields.items():
+            if arg not in args:
+                problems.append(f"source {src.name}: event {ev}: field {canon} maps to unknown argument {arg!r}; "
+                                f"{ev} has {', '.join(args) or 'no arguments'}")
+        if mapping.market.startswith("metric_hash:"):
+            arg = mapping.market.split(":", 1)[1]
+            indexed = [i["name"] for i in abi_ev["inputs"] if i.get("indexed")]
+            if arg not in indexed:
+                problems.append(f"source {src.name}: event {ev}: market rule {mapping.market!r} names {arg!r}, "
+                                f"not an indexed argument; indexed: {', '.join(indexed) or 'none'}")
+    return problems
+
 
 class Market(Strict):
     metric_id: str = Field(pattern=r"^[A-Z0-9_]{3,100}$")
@@ -139,8 +178,13 @@ class Chain(Strict):
     confirmations: int = Field(default=12, ge=0, le=10_000)
     range_size: int = Field(default=1000, ge=1, le=1_000_000)
     max_logs_range: int = Field(default=2000, ge=1)
-    rpc_timeout_s: float = Field(default=20.0, gt=0)
-    rpc_retries: int = Field(default=5, ge=0, le=50)
+    rpc_timeout_s: float = Field(default=10.0, gt=0, description=(
+        "Seconds one JSON-RPC request may take (connect, then each read); a getLogs timeout halves the window."))
+    rpc_retries: int = Field(default=5, ge=0, le=50, description=(
+        "Retries of a failed call (connection trouble, 429, 5xx), with exponential backoff."))
+    rpc_deadline_s: float = Field(default=10.0, gt=0, description=(
+        "Seconds one call may spend retrying (on top of the rpc_retries cap): no retry starts after it, so an "
+        "unreachable node fails within about this long, a silent one within this plus rpc_timeout_s at worst."))
     tip_interval_blocks: int = Field(default=50, ge=1)
 
 
@@ -172,10 +216,7 @@ class ProjectConfig(Strict):
             if m.source not in names:
                 problems.append(f"market {m.metric_id} names unknown source {m.source!r}; known: {names}")
         for s in self.sources:
-            abi_events = {e["name"] for e in s.abi_entries if e.get("type") == "event"}
-            for ev in s.events:
-                if ev not in abi_events:
-                    problems.append(f"source {s.name}: event {ev!r} is not in ABI {s.abi} ({sorted(abi_events)})")
+            problems.extend(_mapping_problems(s))
             if s.addresses == "markets":
                 for m in self.markets:
                     if m.source == s.name and m.address is None:
@@ -184,7 +225,7 @@ class ProjectConfig(Strict):
         if len(set(ids)) != len(ids):
             problems.append("market metric_ids must be unique")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise _Problems(problems)
         return self
 
     def source(self, name: str) -> Source:
@@ -238,6 +279,10 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
 def format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
     for err in exc.errors():
+        error = err.get("ctx", {}).get("error")
+        if isinstance(error, _Problems):  # cross-checks name their own place (source, event, field)
+            lines.extend(f"  - {p}" for p in error.problems)
+            continue
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  - {loc}: {err['msg']}")
     return "\n".join(lines)

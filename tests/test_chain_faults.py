@@ -3,6 +3,10 @@ by real contract code, ranges that are not final yet. Each loses nothing and say
 
 from __future__ import annotations
 
+import logging
+import pickle
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,61 @@ def test_rate_limits_are_retried_with_backoff(simulated_chain: DevChain) -> None
         assert proxy.calls["eth_getLogs"] == 3
     assert got == ChainClient(simulated_chain.anvil.url).get_logs(start, start + 20, _addresses(simulated_chain))
     assert client.stats["rpc_errors"] == 2
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, never listened, released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def silent_node() -> Iterator[str]:
+    """A loopback node that accepts connections (the kernel completes them) and never answers."""
+    with socket.create_server(("127.0.0.1", 0), backlog=32) as srv:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_the_deadline_ends_retries_the_attempt_cap_would_allow(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    client = ChainClient(url, retries=50, backoff_max_s=0.2, deadline_s=1.0)
+    final = r"^eth_blockNumber failed after \d+ attempts in [\d.]+s: connection refused$"
+    with caplog.at_level(logging.WARNING, logger="orderbook_pipelines.chain.rpc"), \
+            pytest.raises(RpcError, match=final) as exc:
+        client.block_number()
+    attempts = client.stats["rpc_calls"]
+    assert 2 <= attempts < 51  # retried, but stopped by the deadline, not by the 51-attempt cap
+    assert exc.value.node == url
+    progress = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(progress) == attempts - 1  # one line per retry
+    assert progress[0].startswith(f"eth_blockNumber at {url}: attempt 1 of 51 failed (connection refused); "
+                                  "retrying in ")
+
+
+def test_a_silent_node_fails_after_its_timeout_within_the_deadline(silent_node: str) -> None:
+    client = ChainClient(silent_node, timeout_s=0.5, retries=5, backoff_max_s=0.1, deadline_s=1.0)
+    with pytest.raises(RpcError, match=r"eth_chainId failed after [123] attempts? in [\d.]+s: no answer within 0.5s"):
+        client.chain_id()
+
+
+def test_rpc_errors_name_the_node_redacted_and_survive_a_worker_process() -> None:
+    port = _closed_port()
+    client = ChainClient(f"http://indexer:hunter2pass@127.0.0.1:{port}/v3/0123456789abcdef0123", retries=0)
+    with pytest.raises(RpcError) as exc:
+        client.block_number()
+    assert exc.value.node == f"http://indexer:***@127.0.0.1:{port}/v3/***"
+    again = pickle.loads(pickle.dumps(exc.value))  # how a backfill worker's failure reaches the parent
+    assert (type(again), str(again), again.node) == (RpcError, str(exc.value), exc.value.node)
+
+
+def test_an_error_answer_is_not_retried_and_names_the_node(anvil_factory: type[Anvil]) -> None:
+    anvil = anvil_factory()
+    client = ChainClient(anvil.url, retries=5)
+    with pytest.raises(RpcError, match="no_such_method") as exc:
+        client.call("no_such_method", [])
+    assert type(exc.value) is RpcError and exc.value.node == anvil.url
+    assert client.stats["rpc_calls"] == 1
 
 
 def test_provider_dying_halfway_writes_nothing_and_a_rerun_completes(simulated_chain: DevChain, database: str) -> None:

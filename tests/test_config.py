@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,16 +237,72 @@ def test_event_of_another_generation_not_in_abi():
     assert "'OrderFilled' is not in ABI" in msg
 
 
-def test_mapping_to_unknown_abi_argument_fails_when_decoder_is_built():
+def test_mapping_to_unknown_abi_argument_is_named_with_the_arguments_that_exist():
     raw = raw_config()
-    raw["sources"][2]["events"]["OrderPlaced"]["fields"]["quantity"] = "quantity"  # the ABI calls it `size`
-    cfg = parse_config(raw)
-    with pytest.raises(ConfigError) as exc:
-        Decoder(cfg, {})
-    msg = str(exc.value)
-    assert "gen2_book.OrderPlaced" in msg
-    assert "'quantity'" in msg
-    assert "unknown argument" in msg
+    raw["sources"][0]["events"]["OrderPlaced"]["fields"]["order_id"] = "orderID"  # the ABI says orderId
+    msg = config_error(raw)
+    problem = next(line for line in msg.splitlines() if "orderID" in line)
+    assert "source gen1_router" in problem
+    assert "event OrderPlaced" in problem
+    assert "field order_id maps to unknown argument 'orderID'" in problem
+    assert "orderId, trader, metricId, orderType, side, quantity, price" in problem  # what it could have been
+
+
+def test_metric_hash_rule_must_name_an_indexed_argument():
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderPlaced"]["market"] = "metric_hash:price"  # price is data, not a topic
+    msg = config_error(raw)
+    assert "source gen1_router: event OrderPlaced: market rule 'metric_hash:price' names 'price'" in msg
+    assert "not an indexed argument; indexed: orderId, trader, metricId" in msg
+
+
+def test_metric_hash_rule_naming_no_argument_at_all():
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderPlaced"]["market"] = "metric_hash:metricID"
+    assert "names 'metricID', not an indexed argument" in config_error(raw)
+
+
+def test_every_mapping_problem_is_listed_on_its_own_line():
+    raw = raw_config()
+    raw["sources"][2]["events"]["OrderPlaced"]["fields"]["quantity"] = "quantity"  # the gen-2 ABI calls it size
+    raw["sources"][1]["events"]["OrderAdded"]["fields"]["price"] = "prize"
+    raw["sources"][0]["events"]["NoSuchEvent"] = {"kind": "cancel", "fields": {"order_id": "orderId"}}
+    lines = config_error(raw).splitlines()
+    assert lines[0] == "invalid configuration in <dict>:"
+    problems = lines[1:]
+    assert len(problems) == 3, problems
+    assert all(line.startswith("  - source ") for line in problems)
+    assert any("gen2_book: event OrderPlaced: field quantity maps to unknown argument 'quantity'" in line
+               for line in problems)
+    assert any("gen1_book: event OrderAdded: field price maps to unknown argument 'prize'" in line for line in problems)
+    assert any("'NoSuchEvent' is not in ABI" in line for line in problems)
+
+
+def test_cli_reports_a_mapping_typo_in_one_short_error(tmp_path):
+    """What `make run` shows for a typo: the problem and its file, exit 2, no traceback, before any database."""
+    raw = raw_config()
+    raw["sources"][0]["events"]["OrderCancelled"]["fields"]["order_id"] = "orderID"
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OBP_CONFIG": str(path), "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none"}
+    env.pop("OBP_RPC_URL", None)
+    proc = subprocess.run([str(Path(sys.executable).parent / "orderbook"), "ingest", "--from", "0", "--to", "10"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"invalid configuration in {path}:",
+        "  - source gen1_router: event OrderCancelled: field order_id maps to unknown argument 'orderID'; "
+        "OrderCancelled has orderId, trader, remainingQuantity",
+    ]
+    assert proc.stdout == ""
+
+
+def test_a_valid_mapping_builds_a_decoder_for_every_event():
+    cfg = parse_config(raw_config())
+    dec = Decoder(cfg, {})
+    assert {(src, spec.name) for (src, _), spec in dec.specs.items()} == {
+        (s.name, ev) for s in cfg.sources for ev in s.events}
 
 
 def test_missing_abi_file():

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from orderbook_pipelines.chain.decoding import DecodedLog, Decoder, Rejected, event_topic
 from orderbook_pipelines.chain.normalize import MarketRegistry, normalize
-from orderbook_pipelines.config import ConfigError, parse_config
+from orderbook_pipelines.config import parse_config
 from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
 
 UNREGISTERED = "0x" + "44" * 20
@@ -541,27 +541,6 @@ def test_gen2_order_placed_round_trip(decoder, order_id, user, side, size, price
 
 
 # -- decoder construction ----------------------------------------------------------------------------------
-def test_decoder_rejects_mapping_to_unknown_argument():
-    raw = raw_config()
-    raw["sources"][0]["events"]["OrderExecuted"]["fields"]["quantity"] = "executedQty"
-    cfg = parse_config(raw)  # the config itself is valid; the argument is checked against the ABI
-    with pytest.raises(ConfigError) as exc:
-        Decoder(cfg, ADDRESS_SOURCES)
-    msg = str(exc.value)
-    assert "gen1_router.OrderExecuted" in msg
-    assert "executedQty" in msg
-
-
-def test_decoder_rejects_metric_hash_rule_on_non_indexed_argument():
-    raw = raw_config()
-    raw["sources"][0]["events"]["OrderPlaced"]["market"] = "metric_hash:price"
-    cfg = parse_config(raw)
-    with pytest.raises(ConfigError) as exc:
-        Decoder(cfg, ADDRESS_SOURCES)
-    assert "'price'" in str(exc.value)
-    assert "not an indexed argument" in str(exc.value)
-
-
 def test_decoder_address_sources_are_case_insensitive(config):
     dec = Decoder(config, {ROUTER.upper().replace("0X", "0x"): "gen1_router"})
     assert isinstance(dec.decode(gen1_executed()), DecodedLog)

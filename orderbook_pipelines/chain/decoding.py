@@ -16,7 +16,7 @@ from eth_abi import decode as abi_decode
 from eth_abi.exceptions import DecodingError
 from eth_utils import keccak
 
-from orderbook_pipelines.config import ConfigError, EventMapping, ProjectConfig
+from orderbook_pipelines.config import EventMapping, ProjectConfig
 
 _WORD = 32
 
@@ -180,15 +180,17 @@ def log_position(log: dict) -> LogPosition:
 
 
 class Decoder:
-    """Decodes logs of the configured sources; `address_sources` maps contract address -> source name."""
+    """Decodes logs of the configured sources; `address_sources` maps contract address -> source name.
+
+    Every mapping was checked against its ABI when the configuration loaded (config.py): no check here.
+    """
 
     def __init__(self, config: ProjectConfig, address_sources: dict[str, str]):
         self.address_sources = {a.lower(): s for a, s in address_sources.items()}
         self.specs: dict[tuple[str, str], EventSpec] = {}
         for src in config.sources:
-            by_name = {e["name"]: e for e in src.abi_entries if e.get("type") == "event"}
             for ev_name, mapping in src.events.items():
-                abi_ev = by_name[ev_name]
+                abi_ev = src.abi_events[ev_name]
                 spec = EventSpec(
                     source=src.name,
                     name=ev_name,
@@ -198,7 +200,6 @@ class Decoder:
                     data=tuple(_Param(i["name"], canonical_type(i)) for i in abi_ev["inputs"] if not i["indexed"]),
                     mapping=mapping,
                 )
-                _check_mapping(spec)
                 self.specs[(src.name, spec.topic0)] = spec
 
     def decode(self, log: dict) -> DecodedLog | Rejected:
@@ -253,18 +254,6 @@ class Decoder:
 def _rejected(pos: LogPosition, topics: Any, data: Any, reason: str) -> Rejected:
     """Topics and data kept as given (lowercased hex), so the stored rejection shows what the node sent."""
     return Rejected(pos, tuple(str(t).lower() for t in topics), str(data), reason)
-
-
-def _check_mapping(spec: EventSpec) -> None:
-    names = {p.name for p in spec.indexed} | {p.name for p in spec.data}
-    for canon, arg in spec.mapping.fields.items():
-        if arg not in names:
-            raise ConfigError(f"{spec.source}.{spec.name}: field {canon} maps to unknown argument {arg!r}")
-    rule = spec.mapping.market
-    if rule.startswith("metric_hash:"):
-        arg = rule.split(":", 1)[1]
-        if arg not in {p.name for p in spec.indexed}:
-            raise ConfigError(f"{spec.source}.{spec.name}: market rule names {arg!r}, not an indexed argument")
 
 
 def _unknown_pos(log: dict) -> LogPosition:

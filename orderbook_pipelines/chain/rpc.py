@@ -3,11 +3,14 @@
 Raw dicts (hex strings) are kept instead of web3's AttributeDicts: decoding is ours and the conversion cost
 matters at a million logs. Providers refuse large log queries in different words; every such answer
 shrinks the window (halving), and success grows it back, so a backfill neither stalls nor hammers.
+A call retries within a deadline as well as an attempt cap, logging each retry: a dead node is reported in
+seconds, by its (redacted) URL, with the one useful phrase of the transport error.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,15 +18,18 @@ from typing import Any
 
 import requests
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint
 
+from orderbook_pipelines import obs
 from orderbook_pipelines.chain import metrics
 from orderbook_pipelines.config import Chain
 
@@ -42,10 +48,17 @@ _TOO_LARGE = (
     "timed out",
 )
 _ADDRESS_CHUNK = 500
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 
 
 class RpcError(RuntimeError):
-    """An RPC call failed for good (after retries), with the method and the provider's words."""
+    """An RPC call failed for good (after retries), with the method and the provider's words.
+
+    `node` is the redacted URL of the node, set by ChainClient.call (an attribute, so it survives pickling
+    from a worker process).
+    """
+
+    node: str | None = None
 
 
 class TransientRpcError(RpcError):
@@ -62,6 +75,24 @@ class BlockHeader:
     hash: str
     parent_hash: str
     timestamp: int
+
+
+def redacted_url(url: str) -> str:
+    """The node's URL as it may be printed: its password and API-key-like path or query parts redacted."""
+    obs.register_env_secrets({"OBP_RPC_URL": url})  # a key in the YAML's URL is as secret as one in the env
+    return obs.redact_text(url)
+
+
+def _transport_reason(exc: requests.RequestException, timeout_s: float) -> str:
+    """The one useful phrase of a transport failure (requests nests four exceptions into one message)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"no connection within {timeout_s:g}s"
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {timeout_s:g}s"
+    m = _ERRNO.search(str(exc))
+    if m:  # "Connection refused", "Name or service not known", ...
+        return m.group(1).strip().lower()
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _is_too_large(message: str) -> bool:
@@ -95,11 +126,14 @@ def _observed(fn: Callable[[str, list[Any]], Any], method: str, params: list[Any
 
 
 class ChainClient:
-    def __init__(self, rpc_url: str, timeout_s: float = 20.0, retries: int = 5, max_logs_range: int = 2000,
-                 backoff_max_s: float = 8.0):
+    def __init__(self, rpc_url: str, timeout_s: float = 10.0, retries: int = 5, max_logs_range: int = 2000,
+                 backoff_max_s: float = 8.0, deadline_s: float = 10.0):
         self.rpc_url = rpc_url
+        self.node = redacted_url(rpc_url)
+        self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_max_s = backoff_max_s
+        self.deadline_s = deadline_s
         self.max_logs_range = max_logs_range
         self.logs_window = max_logs_range
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "range_splits": 0}
@@ -110,7 +144,7 @@ class ChainClient:
     def from_config(cls, chain: Chain, retries: int | None = None) -> ChainClient:
         """The client every process builds from the `chain` section (`retries` overrides it: probes use 0-1)."""
         return cls(chain.rpc_url, chain.rpc_timeout_s, chain.rpc_retries if retries is None else retries,
-                   chain.max_logs_range)
+                   chain.max_logs_range, deadline_s=chain.rpc_deadline_s)
 
     # -- transport -----------------------------------------------------------------------------------------
     def _once(self, method: str, params: list[Any]) -> Any:
@@ -130,9 +164,9 @@ class ChainClient:
             raise RpcError(f"{method}: HTTP {status}: {body}") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             self.stats["rpc_errors"] += 1
-            if method == "eth_getLogs" and isinstance(exc, requests.Timeout):
+            if method == "eth_getLogs" and isinstance(exc, requests.ReadTimeout):  # connected, but too slow
                 raise RangeTooLarge(f"{method}: timed out") from exc
-            raise TransientRpcError(f"{method}: {type(exc).__name__}: {exc}") from exc
+            raise TransientRpcError(f"{method}: {_transport_reason(exc, self.timeout_s)}") from exc
         if resp.get("error"):
             self.stats["rpc_errors"] += 1
             err = resp["error"]
@@ -150,20 +184,38 @@ class ChainClient:
         return resp["result"]
 
     def call(self, method: str, params: list[Any]) -> Any:
-        """One JSON-RPC call, retried with exponential backoff on transient failures."""
+        """One JSON-RPC call, retried with exponential backoff on transient failures, at most `retries` times
+        and never starting a retry after `deadline_s` (an attempt in flight still has its own timeout)."""
+        t0 = time.monotonic()
         try:
             for attempt in Retrying(
                 retry=retry_if_exception_type(TransientRpcError),
-                stop=stop_after_attempt(self.retries + 1),
+                stop=stop_after_attempt(self.retries + 1) | stop_before_delay(self.deadline_s),
                 wait=wait_exponential_jitter(multiplier=0.1, max=self.backoff_max_s),
+                before_sleep=lambda state: self._log_retry(method, state),
                 reraise=False,
             ):
                 with attempt:
                     return _observed(self._once, method, params)
         except RetryError as exc:
+            n = exc.last_attempt.attempt_number
             last = exc.last_attempt.exception()
-            raise RpcError(f"{method} failed after {self.retries + 1} attempts: {last}") from last
+            reason = str(last).removeprefix(f"{method}: ")
+            err = RpcError(f"{method} failed after {n} attempt{'s' if n != 1 else ''} in "
+                           f"{time.monotonic() - t0:.1f}s: {reason}")
+            err.node = self.node
+            raise err from last
+        except RpcError as exc:  # not worth retrying: the node answered, but with an error
+            exc.node = self.node
+            raise
         raise AssertionError("unreachable")
+
+    def _log_retry(self, method: str, state: RetryCallState) -> None:
+        """One short progress line per retry, so a wait on a dead node is never silent."""
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("%s at %s: attempt %d of %d failed (%s); retrying in %.1fs (giving up after %gs)",
+                    method, self.node, state.attempt_number, self.retries + 1,
+                    str(exc).removeprefix(f"{method}: "), state.upcoming_sleep, self.deadline_s)
 
     # -- chain ---------------------------------------------------------------------------------------------
     def chain_id(self) -> int:

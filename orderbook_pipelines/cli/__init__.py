@@ -2,11 +2,16 @@
 
 One module per command group; every module imports its heavy libraries (SQLAlchemy, web3, Dagster, pydantic
 settings) inside the commands, so `orderbook --help` starts in a fraction of a second (tests/test_cli.py).
+Every command ends the same way on Ctrl-C (exit 130) or an unusable node (exit 69): one red line, no traceback.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, Any
+
 import typer
+from typer.core import TyperGroup
 
 from orderbook_pipelines.cli import (
     check,
@@ -21,8 +26,28 @@ from orderbook_pipelines.cli import (
     replay,
     snapshot,
 )
+from orderbook_pipelines.cli.common import INTERRUPTED, fail, fail_node
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+if TYPE_CHECKING:
+    from typer._click import Context  # typer vendors click: the base class its groups are typed with
+
+
+class _Orderbook(TyperGroup):
+    """The top-level group: one place where every command's Ctrl-C and node failures become one line."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            fail(f"{' '.join(filter(None, ('orderbook', ctx.invoked_subcommand)))}: interrupted", INTERRUPTED)
+        except Exception as exc:
+            rpc = sys.modules.get("orderbook_pipelines.chain.rpc")  # loaded only by commands that use the node
+            if rpc is not None and isinstance(exc, rpc.RpcError):
+                fail_node(exc)
+            raise
+
+
+app = typer.Typer(cls=_Orderbook, no_args_is_help=True, add_completion=False,
                   help="`orderbook` command line: database setup, dev chain, manual ingestion and the market registry.")
 
 

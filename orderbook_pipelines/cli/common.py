@@ -6,6 +6,7 @@ module level: `orderbook --help` must not pay for them.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -13,13 +14,26 @@ import typer
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from orderbook_pipelines.chain.rpc import ChainClient
+    from orderbook_pipelines.chain.rpc import ChainClient, RpcError
     from orderbook_pipelines.config import ProjectConfig
+
+# sysexits' EX_UNAVAILABLE: the node cannot be used. Distinct from every command's own codes (reconcile's 1, 3
+# and 4, check's 1), so a runbook never takes "node down" for "ranges differ".
+NODE_UNAVAILABLE = 69
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def fail_node(exc: RpcError) -> NoReturn:
+    """One red line naming the node and what was tried, instead of a traceback (OBP_LOG_LEVEL=DEBUG logs it)."""
+    from orderbook_pipelines.obs import redact_text
+
+    logging.getLogger("obp.cli").debug("RPC failure", exc_info=exc)
+    fail(redact_text(f"node {exc.node or '(unknown)'}: {exc}"), NODE_UNAVAILABLE)
 
 
 def config() -> ProjectConfig:

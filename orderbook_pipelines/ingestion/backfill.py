@@ -9,6 +9,7 @@ lock), which is also how a Dagster backfill with `max_concurrent_runs` > 1 runs 
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ _worker: tuple[ProjectConfig, ChainClient, Engine] | None = None
 
 def _init(config: ProjectConfig, database_url: str) -> None:
     global _worker
+    if mp.parent_process() is not None:  # a pool worker: Ctrl-C is the parent's to handle (it cancels the pool)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (config, ChainClient.from_config(config.chain), engine_for(database_url))
 
 
@@ -66,6 +69,12 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
         try:
             for f in futures:
                 yield f.result()
+        except KeyboardInterrupt:
+            # Stop now: in-flight ranges die with their workers and commit nothing (one transaction each).
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             for f in futures:
                 f.cancel()
