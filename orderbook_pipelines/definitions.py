@@ -32,6 +32,7 @@ from orderbook_pipelines.sensors.analytics import market_registry_sensor
 from orderbook_pipelines.sensors.chain_head import chain_head_sensor
 from orderbook_pipelines.sensors.maintenance import purge_schedule
 from orderbook_pipelines.sensors.reconciliation import reconcile_schedule, reorg_failure_sensor
+from orderbook_pipelines.sensors.snapshots import snapshot_automation_sensor
 
 
 def _env(name: str) -> str:
@@ -45,7 +46,7 @@ defs = dg.Definitions(
     assets=[*ingestion_assets, *snapshot_assets, *reconciliation_assets, *analytics_assets],
     asset_checks=asset_checks,
     jobs=[ingest_job, snapshot_job, reconcile_job, check_job, analytics_job, purge_dagster_runs],
-    sensors=[chain_head_sensor, reorg_failure_sensor, market_registry_sensor],
+    sensors=[chain_head_sensor, reorg_failure_sensor, market_registry_sensor, snapshot_automation_sensor],
     schedules=[reconcile_schedule, purge_schedule],
     resources={
         "settings": _settings,

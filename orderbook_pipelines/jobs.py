@@ -23,7 +23,8 @@ ingest_job = dg.define_asset_job(
 snapshot_job = dg.define_asset_job(
     "snapshot_block_range",
     selection=[depth_snapshots],
-    description="Depth snapshots of one block range (after its ingestion); also materialized eagerly.",
+    description="Depth snapshots of one block range, by hand or in a backfill; after each ingestion the "
+    "snapshot_automation_sensor requests them by itself.",
 )
 
 reconcile_job = dg.define_asset_job(

@@ -13,5 +13,7 @@ MARKETS = "markets"
 
 block_ranges = dg.DynamicPartitionsDefinition(name=BLOCK_RANGES)
 
-# Analytics partitions, one per market (added by sensors/analytics.py as markets are registered).
+# Analytics partitions, one per market, keyed by the market's public name (the metric id), added by
+# sensors/analytics.py as markets are registered. Numeric keys left by older instances (internal market ids)
+# still resolve to their market: see docs/analytics.md.
 markets = dg.DynamicPartitionsDefinition(name=MARKETS)

@@ -6,6 +6,7 @@ Postgres rows and from the contracts' own view functions, never from the code un
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections import defaultdict
@@ -15,13 +16,22 @@ from decimal import Decimal
 
 import polars as pl
 import pytest
-from dagster import DagsterInstance, build_sensor_context, materialize
+from dagster import (
+    BoolMetadataValue,
+    DagsterInstance,
+    FloatMetadataValue,
+    IntMetadataValue,
+    MarkdownMetadataValue,
+    TextMetadataValue,
+    build_sensor_context,
+    materialize,
+)
 from sqlalchemy import text
 from web3 import Web3
 
 from orderbook_pipelines.analytics import queries
 from orderbook_pipelines.analytics.sink import CANDLES, AnalyticsSink
-from orderbook_pipelines.assets.analytics import analytics_assets, check_candles
+from orderbook_pipelines.assets.analytics import analytics_assets, check_candles, resolve_partition
 from orderbook_pipelines.book.model import BUY, SELL
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.deploy import artifact
@@ -30,7 +40,7 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.partitions import markets
 from orderbook_pipelines.resources import PostgresResource
 from orderbook_pipelines.resources.analytics import AnalyticsResource
-from orderbook_pipelines.sensors.analytics import market_registry_sensor
+from orderbook_pipelines.sensors.analytics import market_registry_sensor, partition_keys, plan_markets_tick
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 
@@ -172,10 +182,13 @@ def _materialized(backend: str, pg: str, tmp_path_factory: pytest.TempPathFactor
         instance.add_dynamic_partitions(markets.name, list(req.partition_keys))
     with engine_for(pg).connect() as conn:
         ids = dict(conn.execute(text("SELECT metric_id, market_id FROM markets")).all())
-        traded = {str(r[0]) for r in conn.execute(text("SELECT DISTINCT market_id FROM trades"))}
+        marks = dict(conn.execute(text(
+            "SELECT m.metric_id, max(t.block_number) FROM trades t JOIN markets m USING (market_id) GROUP BY 1")).all())
     keys = instance.get_dynamic_partitions(markets.name)
-    assert sorted(keys) == sorted(str(m) for m in ids.values()), "the sensor registers every market"
-    assert {r.partition_key for r in tick.run_requests} == traded and traded, "a run for each traded market"
+    assert sorted(keys) == sorted(ids), "the sensor registers every market under its public name"
+    assert {r.partition_key for r in tick.run_requests} == set(marks) and marks, "a run for each traded market"
+    assert {(r.run_key, r.tags["obp/market_id"]) for r in tick.run_requests} == {
+        (f"{k}@{b}", str(ids[k])) for k, b in marks.items()}, "run key = market@last trade block"
     again = market_registry_sensor(build_sensor_context(instance=instance, cursor=tick.cursor,
                                                         resources={"postgres": resources["postgres"]}))
     assert again.run_requests == [] and again.dynamic_partitions_requests == [], "nothing new, nothing requested"
@@ -183,7 +196,7 @@ def _materialized(backend: str, pg: str, tmp_path_factory: pytest.TempPathFactor
     for key in keys:
         r = materialize(analytics_assets, partition_key=key, instance=instance, resources=resources)
         assert r.success, key
-        results[int(key)] = r
+        results[ids[key]] = r
     sink = res.open()
     yield Run(res, sink, ids, results, pg)
     if res.backend_name() == "clickhouse":
@@ -291,18 +304,64 @@ def test_asset_checks_pass_and_catch_a_wrong_candle(run: Run) -> None:
     assert all(c.passed for c in check_candles(run.sink, mid))
 
 
-def test_rematerializing_a_market_is_idempotent(run: Run) -> None:
+def test_rematerializing_a_market_is_idempotent_under_its_name_and_its_legacy_numeric_key(run: Run) -> None:
+    """An instance from before named partitions still holds keys "1".."12": they rebuild the same market."""
     mid = run.market_ids["ALUMINUM_V1"]
     q = {t: f"SELECT count(*) AS n FROM {t} WHERE market_id = {mid}"
          for t in ("trades_fact", "candles", "liquidity", "market_daily")}
     before = {t: run.sink.query(s)["n"][0] for t, s in q.items()}
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(markets.name, [str(mid)])
-    r = materialize(analytics_assets, partition_key=str(mid), instance=instance,
-                    resources={"postgres": PostgresResource(database_url=run.pg), "analytics": run.resource})
-    assert r.success
-    assert {t: run.sink.query(s)["n"][0] for t, s in q.items()} == before
+    instance.add_dynamic_partitions(markets.name, ["ALUMINUM_V1", str(mid)])
+    for key in ("ALUMINUM_V1", str(mid)):
+        r = materialize(analytics_assets, partition_key=key, instance=instance,
+                        resources={"postgres": PostgresResource(database_url=run.pg), "analytics": run.resource})
+        assert r.success, key
+        assert r.asset_materializations_for_node("analytics_trades")[0].metadata["market_id"].value == mid
+        assert {t: run.sink.query(s)["n"][0] for t, s in q.items()} == before, key
     assert before["trades_fact"] > 0
+    instance.add_dynamic_partitions(markets.name, ["NO_SUCH_MARKET"])
+    unknown = materialize(analytics_assets, partition_key="NO_SUCH_MARKET", instance=instance, raise_on_error=False,
+                          selection=["analytics_trades"],
+                          resources={"postgres": PostgresResource(database_url=run.pg), "analytics": run.resource})
+    assert not unknown.success, "a key that names no market fails the run instead of writing anything"
+
+
+def test_registry_sensor_moves_a_legacy_cursor_to_named_keys(pg: str) -> None:
+    """A cursor written when keys were market ids: each traded market is rebuilt once under its name, then the
+    sensor is quiet again; the legacy entries are dropped."""
+    instance = DagsterInstance.ephemeral()
+    postgres = PostgresResource(database_url=pg)
+    with engine_for(pg).connect() as conn:
+        marks = dict(conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY 1")).all())
+        names = dict(conn.execute(text("SELECT market_id, metric_id FROM markets")).all())
+    legacy = json.dumps({str(m): b for m, b in marks.items()})
+    first = market_registry_sensor(build_sensor_context(instance=instance, cursor=legacy,
+                                                        resources={"postgres": postgres}))
+    assert sorted(r.partition_key for r in first.run_requests) == sorted(names[m] for m in marks)
+    assert json.loads(first.cursor or "{}") == {names[m]: b for m, b in marks.items()}
+    for req in first.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(markets.name, list(req.partition_keys))
+    second = market_registry_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
+                                                         resources={"postgres": postgres}))
+    assert second.run_requests == [] and second.dynamic_partitions_requests == []
+
+
+def test_materialization_metadata_is_what_the_ui_draws(run: Run) -> None:
+    """Numbers, text and markdown only (no chart spec the UI would show as raw JSON), with the useful figures."""
+    drawn = (MarkdownMetadataValue, IntMetadataValue, FloatMetadataValue, TextMetadataValue, BoolMetadataValue)
+    mid = run.market_ids["SILVER_V1"]
+    result = run.results[mid]
+    for node in ("analytics_trades", "analytics_candles", "analytics_liquidity", "analytics_market_daily"):
+        meta = result.asset_materializations_for_node(node)[0].metadata  # type: ignore[attr-defined]
+        assert all(isinstance(v, drawn) for v in meta.values()), {k: type(v) for k, v in meta.items()}
+    candles = result.asset_materializations_for_node("analytics_candles")[0].metadata  # type: ignore[attr-defined]
+    hourly = run.sink.query(f"SELECT close, vwap, twap FROM candles WHERE market_id = {mid} AND grain = '1h' "
+                            "ORDER BY ts").to_dicts()
+    assert candles["last_close"].value == pytest.approx(float(hourly[-1]["close"]))
+    assert candles["last_vwap_1h"].value == pytest.approx(hourly[-1]["vwap"])
+    assert candles["last_twap_1h"].value == pytest.approx(hourly[-1]["twap"])
+    table = candles["hourly"].value
+    assert "vwap" in table and "twap" in table and any(ch in table for ch in "▁▂▃▄▅▆▇█")
 
 
 def test_market_daily_and_top_markets(run: Run) -> None:
@@ -391,3 +450,36 @@ def test_vwap_vs_mid_query(run: Run) -> None:
             m = sum(mids[r["hour"]]) / len(mids[r["hour"]])
             assert r["mid"] == pytest.approx(m, rel=1e-9)
             assert r["vwap_minus_mid_bps"] == pytest.approx((r["vwap"] - m) / m * 1e4, rel=1e-6, abs=1e-9)
+
+
+def test_partition_keys_resolve_names_hashes_and_legacy_ids(database: str) -> None:
+    """Keys are public names; an old numeric key still means that market_id, unless it is another market's name."""
+    h = ["0x" + c * 64 for c in "abc"]
+    with engine_for(database).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO markets (market_id, chain_id, metric_id, metric_hash, source, status) OVERRIDING SYSTEM VALUE "
+            "VALUES (100, 1, 'GOLD_V1', :h0, 'gen1', 'active'), (101, 1, NULL, :h1, 'gen1', 'unregistered'), "
+            "(150, 1, '100', :h2, 'gen1', 'active')"), {"h0": h[0], "h1": h[1], "h2": h[2]})
+    with engine_for(database).connect() as conn:
+        assert resolve_partition(conn, "GOLD_V1") == (100, "GOLD_V1")
+        assert resolve_partition(conn, h[1]) == (101, h[1])  # unregistered: named by its metric hash
+        assert resolve_partition(conn, "101") == (101, h[1])  # a legacy numeric key
+        assert resolve_partition(conn, "150") == (150, "100")
+        assert resolve_partition(conn, "100") == (150, "100"), "a name beats a legacy id (market 100 is GOLD_V1)"
+        with pytest.raises(LookupError):
+            resolve_partition(conn, "SILVER_V1")
+
+
+def test_registry_sensor_follows_renames_and_keeps_names_unique() -> None:
+    instance = DagsterInstance.ephemeral()
+    h = "0x" + "d" * 64
+    first = plan_markets_tick(build_sensor_context(instance=instance), {1: "GOLD_V1", 2: h}, {1: 50, 2: 60})
+    assert {r.run_key for r in first.run_requests} == {"GOLD_V1@50", f"{h}@60"}
+    instance.add_dynamic_partitions(markets.name, ["GOLD_V1", h])
+    # `orderbook markets register` names market 2: a new key, rebuilt once (its rows carry the new name).
+    renamed = plan_markets_tick(build_sensor_context(instance=instance, cursor=first.cursor),
+                                {1: "GOLD_V1", 2: "NICKEL_V2"}, {1: 50, 2: 60})
+    assert [r.partition_key for r in renamed.run_requests] == ["NICKEL_V2"]
+    assert [list(q.partition_keys) for q in renamed.dynamic_partitions_requests] == [["NICKEL_V2"]]
+    # One name on two chains: the later market is keyed by its id, which resolves as well.
+    assert partition_keys({3: "GOLD_V1", 9: "GOLD_V1", 4: "TIN_V1"}) == {3: "GOLD_V1", 4: "TIN_V1", 9: "9"}

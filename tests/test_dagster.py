@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import yaml
-from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
+from dagster import (
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    Definitions,
+    SensorResult,
+    build_sensor_context,
+)
+from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
+from dagster._core.test_utils import create_run_for_test
 
 from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.definitions import defs
 from orderbook_pipelines.ingestion.ranges import parse_range_key, range_key, ranges_up_to
 from orderbook_pipelines.partitions import block_ranges
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
-from orderbook_pipelines.sensors.chain_head import chain_head_sensor, plan_tick
+from orderbook_pipelines.sensors.chain_head import (
+    MAX_RUNS_PER_TICK,
+    RETRY_AFTER,
+    busy_partitions,
+    chain_head_sensor,
+    plan_tick,
+)
 from tests.conftest import DevChain
 
 
@@ -80,13 +99,6 @@ def test_a_range_whose_run_died_without_a_checkpoint_is_requested_again() -> Non
 
 
 def test_busy_partitions_are_in_flight_runs_and_fresh_failures_only() -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from dagster import DagsterRunStatus
-    from dagster._core.test_utils import create_run_for_test
-
-    from orderbook_pipelines.sensors.chain_head import RETRY_AFTER, busy_partitions
-
     instance = DagsterInstance.ephemeral()
     for key, status in (("q", DagsterRunStatus.NOT_STARTED), ("s", DagsterRunStatus.STARTED),
                         ("ok", DagsterRunStatus.SUCCESS), ("f", DagsterRunStatus.FAILURE)):
@@ -167,3 +179,103 @@ def test_purge_job_deletes_old_runs_and_keeps_recent_ones() -> None:
         "ops": {"purge_runs": {"config": {"success_days": 0}}}})
     assert purged.output_for_node("purge_runs") >= 3
     assert instance.get_run_records(filters=RunsFilter(job_name="tiny")) == []
+
+
+@dataclass
+class _SimRun:
+    """One ingestion run in the simulated queue: queued, then started (it reads the safe head), then over."""
+
+    run: DagsterRun
+    key: str
+    first: int
+    last: int
+    requested_tick: int
+    reads_safe: int = -1
+
+
+def _report(instance: DagsterInstance, run: DagsterRun, event: DagsterEventType, at: datetime) -> None:
+    instance.report_dagster_event(DagsterEvent(event_type_value=event.value, job_name=run.job_name), run.run_id,
+                                  timestamp=at.timestamp())
+
+
+def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
+    """The sensor against a run queue that lags: runs requested by one tick wait QUEUED ticks, run RUNNING ticks,
+    then commit their checkpoint (up to the safe head they read when they started) or, for two ranges, fail once.
+
+    Over the whole history: never a request for a range whose run is queued or running; a failed range is
+    requested again at the first tick after RETRY_AFTER and not before; the open tip range is requested only when
+    tip_interval more blocks are final beyond what is stored; and nothing the chain made final is left behind.
+    """
+    start, size, tip, job = 10, 100, 20, "ingest_block_range"
+    tick_every, queued, running = timedelta(seconds=15), 2, 2
+    fail_once = {range_key(110, 209), range_key(410, 509)}
+    instance = DagsterInstance.ephemeral()
+    origin = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("orderbook_pipelines"),
+                                    "__repository__").get_job_origin(job)  # a queued run names its code location
+    t0 = datetime.now(UTC)
+    stored: dict[int, int] = {}
+    in_flight: dict[str, _SimRun] = {}
+    failed_at: dict[str, datetime] = {}
+    requested: dict[str, list[int]] = {}
+    tip_rerequests = 0
+    safe = 150
+    for tick in range(90):
+        now = t0 + tick * tick_every
+        if tick < 60:
+            safe += 9  # the chain makes 9 more blocks final between two sensor ticks, then stops
+        for key, sim in list(in_flight.items()):  # the queue moves between two ticks
+            age = tick - sim.requested_tick
+            if age == queued:
+                sim.reads_safe = safe
+                _report(instance, sim.run, DagsterEventType.RUN_START, now - timedelta(seconds=10))
+            elif age == queued + running:
+                del in_flight[key]
+                if key in fail_once and key not in failed_at:
+                    failed_at[key] = now - timedelta(seconds=5)
+                    _report(instance, sim.run, DagsterEventType.RUN_FAILURE, failed_at[key])
+                else:
+                    stored[sim.first] = max(stored.get(sim.first, sim.first - 1), min(sim.last, sim.reads_safe))
+                    _report(instance, sim.run, DagsterEventType.RUN_SUCCESS, now - timedelta(seconds=5))
+
+        result = plan_tick(build_sensor_context(instance=instance), start_block=start, range_size=size,
+                           tip_interval=tip, safe=safe, stored=dict(stored),
+                           busy=busy_partitions(instance, job, now=now))
+        assert isinstance(result, SensorResult)
+        for req in result.dynamic_partitions_requests:
+            instance.add_dynamic_partitions(block_ranges.name, list(req.partition_keys))
+        keys = _keys(result)
+        assert len(keys) == len(set(keys)) and len(keys) < MAX_RUNS_PER_TICK
+        for key in keys:
+            a, b = parse_range_key(key)
+            have = stored.get(a, a - 1)
+            assert key not in in_flight, f"tick {tick}: {key} requested while its run is queued or running"
+            if key in failed_at and len(requested[key]) == 1:
+                assert now - failed_at[key] >= RETRY_AFTER, f"tick {tick}: {key} retried before the back-off"
+            if b > safe:
+                assert safe - have >= tip, f"tick {tick}: tip {key} requested with {safe - have} new final blocks"
+                tip_rerequests += have >= a
+            run = create_run_for_test(instance, job_name=job, status=DagsterRunStatus.QUEUED, remote_job_origin=origin,
+                                      tags={"dagster/partition": key})
+            in_flight[key] = _SimRun(run, key, a, b, tick)
+            requested.setdefault(key, []).append(tick)
+        # Nothing that should run is held back: every range with work to do and no run queued, running or in
+        # its back-off was requested on this tick.
+        for a, b in ranges_up_to(start, size, safe):
+            key, have = range_key(a, b), stored.get(a, a - 1)
+            due = have < min(b, safe) and (b <= safe or safe - have >= tip)
+            waiting = key in in_flight and tick not in requested[key]
+            backing_off = key in failed_at and now - failed_at[key] < RETRY_AFTER
+            if due and not waiting and not backing_off:
+                assert key in keys, f"tick {tick}: {key} has {safe - have} blocks to ingest but was not requested"
+
+    assert in_flight == {}
+    for key, at in failed_at.items():
+        retry = t0 + requested[key][1] * tick_every
+        assert RETRY_AFTER <= retry - at < RETRY_AFTER + tick_every, key  # the first tick after the back-off
+        assert len(requested[key]) == 2 and parse_range_key(key)[1] <= stored[parse_range_key(key)[0]]
+    assert set(failed_at) == fail_once
+    assert tip_rerequests >= 3, "the open tip range was requested again as blocks became final"
+    complete = [(a, b) for a, b in ranges_up_to(start, size, safe) if b <= safe]
+    assert all(stored[a] == b for a, b in complete), "every complete range is stored to its end"
+    a, b = ranges_up_to(start, size, safe)[-1]
+    assert b > safe and safe - stored.get(a, a - 1) < tip, "the tip holds what the interval allows"

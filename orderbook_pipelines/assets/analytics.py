@@ -1,11 +1,13 @@
-"""Analytics assets, one Dagster partition per market (keys = markets.market_id, fed by the registry sensor).
+"""Analytics assets, one Dagster partition per market, keyed by the market's public name (its metric id).
 
 Each materialization rebuilds one market's rows in the sink (delete-then-insert), so re-running a partition
 is idempotent and backfilling thousands of markets is thousands of small, independent runs. The time grain
 (1m..1d candles, daily stats, snapshot times) lives inside the tables, not in Dagster: see docs/analytics.md.
+Metadata is what the OSS UI draws: numbers (plotted across materializations), markdown tables and sparklines.
 """
 
-
+import math
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -21,30 +23,49 @@ from dagster import (
     MetadataValue,
     asset,
 )
+from sqlalchemy import Connection
 
 from orderbook_pipelines.analytics import queries, transforms
 from orderbook_pipelines.analytics.sink import CANDLES, LIQUIDITY, MARKET_DAILY, TRADES, AnalyticsSink
 from orderbook_pipelines.partitions import markets
 from orderbook_pipelines.resources import AnalyticsResource, PostgresResource
+from orderbook_pipelines.storage.registry import market_names, resolve_market
 
 GROUP = "analytics"
 REPLAY_SAMPLE_BLOCKS = 100  # liquidity sampling grain when no depth_snapshots exist (one default block range)
+SERIES_POINTS = 48  # points per sparkline: two days of hourly candles
 
 
-def _market_id(context: AssetExecutionContext) -> int:
-    try:
-        return int(context.partition_key)
-    except ValueError:
-        raise ValueError(f"not a market partition key: {context.partition_key!r} (expected a market_id)") from None
+def resolve_partition(conn: Connection, key: str) -> tuple[int, str]:
+    """A `markets` partition key -> (market_id, public name).
+
+    Keys are public names (storage/registry.py MARKET_NAME_SQL). The numeric keys of an instance from before
+    (the internal market_id as text) still resolve, because resolve_market accepts ids too; a digits-only key
+    that is both some market's id and another market's metric id belongs to the metric id.
+    """
+    mid, name = resolve_market(conn, key)
+    if name != key and key.isdigit():
+        named = [m for m, n in market_names(conn).items() if n == key]
+        if named:
+            return named[0], key
+    return mid, name
+
+
+def _market_id(context: AssetExecutionContext, postgres: PostgresResource) -> int:
+    with postgres.engine().connect() as conn:
+        try:
+            return resolve_partition(conn, context.partition_key)[0]
+        except LookupError as exc:
+            raise LookupError(f"markets partition {context.partition_key!r}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------- metadata --
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: list[float]) -> str:
+def sparkline(values: Sequence[float | None]) -> str:
     """A one-line unicode chart: Dagster has no plot metadata type, markdown shows this anywhere."""
-    vals = [v for v in values if v is not None]
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
@@ -63,6 +84,31 @@ def preview_md(df: pl.DataFrame, n: int = 8) -> MetadataValue:
     return MetadataValue.md("\n".join(lines))
 
 
+def series_md(df: pl.DataFrame, cols: list[str], n: int = SERIES_POINTS) -> MetadataValue:
+    """The last `n` points of some columns as a markdown table: sparkline, last, min, max per series.
+
+    What a line chart of those series showed, in a form the UI renders (each sparkline has its own scale,
+    so the figures carry the levels).
+    """
+    tail = df.tail(n)
+    if tail.is_empty():
+        return MetadataValue.md("_no data_")
+    lines = [f"| series (last {tail.height}) | trend | last | min | max |", "|---|---|---|---|---|"]
+    for c in cols:
+        vals = [float(v) for v in tail[c].to_list() if v is not None and not math.isnan(float(v))]
+        if not vals:
+            lines.append(f"| {c} | | | | |")
+            continue
+        lines.append(f"| {c} | {sparkline(vals)} | {_fmt(vals[-1])} | {_fmt(min(vals))} | {_fmt(max(vals))} |")
+    return MetadataValue.md("\n".join(lines))
+
+
+def last_value(df: pl.DataFrame, col: str) -> MetadataValue:
+    """The column's last non-null value as a number, so the UI plots it across materializations (NaN if none)."""
+    vals = [v for v in df[col].to_list() if v is not None] if df.height else []
+    return MetadataValue.float(float(vals[-1]) if vals else math.nan)
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -78,34 +124,24 @@ def _time_meta(df: pl.DataFrame, col: str) -> dict[str, Any]:
             "time_max": MetadataValue.text(str(df[col].max()))}
 
 
-def vega_line(df: pl.DataFrame, x: str, ys: list[str], title: str) -> MetadataValue:
-    """A vega-lite spec with the data inlined (paste into any vega-lite viewer)."""
-    data = [{x: str(r[x]), **{y: r[y] for y in ys}} for r in df.select([x, *ys]).tail(500).iter_rows(named=True)]
-    spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "title": title,
-            "data": {"values": data}, "transform": [{"fold": ys}],
-            "mark": "line", "encoding": {"x": {"field": x, "type": "temporal"},
-                                         "y": {"field": "value", "type": "quantitative", "scale": {"zero": False}},
-                                         "color": {"field": "key", "type": "nominal"}}}
-    return MetadataValue.json(spec)
-
-
 # --------------------------------------------------------------------------------------------- assets --
 @asset(partitions_def=markets, group_name=GROUP, deps=[AssetDep("trades", partition_mapping=AllPartitionMapping())],
        description="Trades fact table of one market: raw uint256 amounts as exact digit strings, human-unit "
        "price/quantity as DECIMAL(38,18) (scaled by Postgres), float notional, time keys (ts, day).")
 def analytics_trades(context: AssetExecutionContext, postgres: PostgresResource,
                      analytics: AnalyticsResource) -> MaterializeResult:
-    mid = _market_id(context)
+    mid = _market_id(context, postgres)
     with postgres.engine().connect() as conn:
         m = transforms.market(conn, mid)
         df = transforms.extract_trades(conn, mid)
     with analytics.open() as sink:
         n = sink.replace_market(TRADES, mid, df)
-    daily = df.group_by("day").agg(pl.col("notional").sum()).sort("day") if n else pl.DataFrame()
+    daily = (df.group_by("day").agg(pl.col("notional").sum(), pl.len().alias("trades")).sort("day") if n
+             else pl.DataFrame(schema={"day": pl.Date, "notional": pl.Float64, "trades": pl.UInt32}))
     return MaterializeResult(metadata={
-        "market": m.label, "backend": analytics.backend_name(), **_time_meta(df, "block_time"), "rows_written": n,
-        "notional_total": float(df["notional"].sum()) if n else 0.0,
-        "daily_notional": MetadataValue.md(sparkline(daily["notional"].to_list()) if n else ""),
+        "market": m.label, "market_id": mid, "backend": analytics.backend_name(), **_time_meta(df, "block_time"),
+        "rows_written": n, "notional_total": MetadataValue.float(float(df["notional"].sum()) if n else 0.0),
+        "daily": series_md(daily, ["notional", "trades"]),
         "preview": preview_md(df.select("block_number", "log_index", "block_time", "price", "quantity", "buyer")),
     })
 
@@ -124,7 +160,13 @@ def _sink_frame(sink: AnalyticsSink, table: str, schema: dict, market_id: int, o
     return df.select(list(schema)).cast(schema)
 
 
-CANDLE_CHECKS = ("candles_match_trades", "vwap_within_low_high", "candle_volumes_sum_to_trades")
+CANDLE_CHECKS = {
+    "candles_match_trades": "Every window's open/high/low/close/volume and trade count equal the engine's own "
+    "recomputation from the trades fact table (argMin/argMax over block and log index), compared exactly.",
+    "vwap_within_low_high": "Every window's VWAP lies between its low and high.",
+    "candle_volumes_sum_to_trades": "Each grain (1m, 5m, 1h, 1d) is present and its volumes and trade counts sum "
+    "to the market's trades total.",
+}
 
 
 def check_candles(sink: AnalyticsSink, market_id: int) -> list[AssetCheckResult]:
@@ -163,24 +205,26 @@ def check_candles(sink: AnalyticsSink, market_id: int) -> list[AssetCheckResult]
 
 
 @asset(partitions_def=markets, group_name=GROUP, deps=[analytics_trades],
-       check_specs=[AssetCheckSpec(n, asset="analytics_candles") for n in CANDLE_CHECKS],
+       check_specs=[AssetCheckSpec(n, asset="analytics_candles", description=d) for n, d in CANDLE_CHECKS.items()],
        description="OHLCV candles (1m, 5m, 1h, 1d) with VWAP and TWAP per window, computed in polars from the "
        "market's trades fact rows; guarded by checks that recompute OHLC in the engine.")
-def analytics_candles(context: AssetExecutionContext, analytics: AnalyticsResource) -> MaterializeResult:
-    mid = _market_id(context)
+def analytics_candles(context: AssetExecutionContext, postgres: PostgresResource,
+                      analytics: AnalyticsResource) -> MaterializeResult:
+    mid = _market_id(context, postgres)
     with analytics.open() as sink:
         c = transforms.candles(_sink_trades(sink, mid))
         sink.replace_market(CANDLES, mid, c)
         checks = check_candles(sink, mid)
     hourly = c.filter(pl.col("grain") == "1h").sort("ts")
+    prices = hourly.select(pl.col("close").cast(pl.Float64), "vwap", "twap")
     per_grain = {f"rows_{g}": c.filter(pl.col("grain") == g).height for g in transforms.INTERVALS}
     return MaterializeResult(check_results=checks, metadata={
         **_time_meta(c, "bucket_start"), **per_grain,
-        "hourly_close": MetadataValue.md(sparkline([float(v) for v in hourly["close"].to_list()])),
+        "last_close": last_value(prices, "close"), "last_vwap_1h": last_value(prices, "vwap"),
+        "last_twap_1h": last_value(prices, "twap"),
+        "hourly": series_md(prices, ["close", "vwap", "twap"]),
         "preview_1h": preview_md(hourly.tail(8).select("bucket_start", "open", "high", "low", "close", "volume",
                                                        "vwap", "twap")),
-        "plot_1h_vega_lite": vega_line(hourly.with_columns(close=pl.col("close").cast(pl.Float64)),
-                                       "bucket_start", ["close", "vwap", "twap"], "hourly close / VWAP / TWAP"),
     })
 
 
@@ -191,7 +235,7 @@ def analytics_candles(context: AssetExecutionContext, analytics: AnalyticsResour
        f"replay of its order events sampled every {REPLAY_SAMPLE_BLOCKS} blocks.")
 def analytics_liquidity(context: AssetExecutionContext, postgres: PostgresResource,
                         analytics: AnalyticsResource) -> MaterializeResult:
-    mid = _market_id(context)
+    mid = _market_id(context, postgres)
     with postgres.engine().connect() as conn:
         m = transforms.market(conn, mid)
         snaps = transforms.snapshots_from_depth_table(conn, mid, m.decimals)
@@ -203,19 +247,22 @@ def analytics_liquidity(context: AssetExecutionContext, postgres: PostgresResour
     with analytics.open() as sink:
         sink.replace_market(LIQUIDITY, mid, df)
     return MaterializeResult(metadata={
-        "market": m.label, "source": source, **_time_meta(df, "snapshot_time"),
-        "spread_bps": MetadataValue.md(sparkline(df["spread_bps"].to_list())),
+        "market": m.label, "market_id": mid, "source": source, **_time_meta(df, "snapshot_time"),
+        "last_mid": last_value(df, "mid"), "last_spread_bps": last_value(df, "spread_bps"),
+        "snapshots": series_md(df, ["mid", "spread_bps", "bid_depth_1", "ask_depth_1", "imbalance_1"]),
         "preview": preview_md(df.tail(8).select("snapshot_time", "block_number", "mid", "spread_bps",
                                                 "bid_depth_1", "ask_depth_1", "imbalance_1")),
     })
 
 
 @asset(partitions_def=markets, group_name=GROUP, deps=[analytics_trades],
-       check_specs=[AssetCheckSpec("daily_volumes_sum_to_trades", asset="analytics_market_daily")],
+       check_specs=[AssetCheckSpec("daily_volumes_sum_to_trades", asset="analytics_market_daily",
+                                   description="The days' volumes and trade counts sum to the trades fact table.")],
        description="Per market and UTC day: trades, base volume, notional, distinct traders/buyers/sellers. "
        "Aggregated by the engine's SQL from the trades fact table.")
-def analytics_market_daily(context: AssetExecutionContext, analytics: AnalyticsResource) -> MaterializeResult:
-    mid = _market_id(context)
+def analytics_market_daily(context: AssetExecutionContext, postgres: PostgresResource,
+                           analytics: AnalyticsResource) -> MaterializeResult:
+    mid = _market_id(context, postgres)
     with analytics.open() as sink:
         d = queries.market_daily(sink, mid)
         if d.height:
@@ -228,7 +275,8 @@ def analytics_market_daily(context: AssetExecutionContext, analytics: AnalyticsR
                              severity=AssetCheckSeverity.ERROR, metadata={"days": d.height, "trades": t.height})
     return MaterializeResult(check_results=[check], metadata={
         **_time_meta(d, "day"), "traders_max_day": int(d["traders"].max()) if d.height else 0,  # type: ignore[arg-type]
-        "daily_volume": MetadataValue.md(sparkline([float(v) for v in d["volume"].to_list()])),
+        "last_day_volume": last_value(d, "volume") if d.height else MetadataValue.float(0.0),
+        "days": series_md(d, ["volume", "notional", "trades", "traders"]),
         "preview": preview_md(d.tail(8)),
     })
 

@@ -1,4 +1,9 @@
-"""Depth snapshots per block range: every market's book at the range's checkpointed end block."""
+"""Depth snapshots per block range: every market's book at the range's checkpointed end block.
+
+SNAPSHOT_CONDITION runs a range's snapshot after each ingestion of it (sensors/snapshots.py evaluates it, on by
+default): the live service's cold start and `orderbook snapshot restore` then begin from a recent snapshot instead
+of replaying every stored event.
+"""
 
 import time
 
@@ -14,15 +19,20 @@ from orderbook_pipelines.storage import checkpoints
 
 GROUP = "snapshots"
 
+# eager(): after each new materialization of the range's `orders`, once that run is over; the blocking checks of
+# `orders` (assets/checks.py) must have passed, which eager() alone does not require outside the ingestion run.
+SNAPSHOT_CONDITION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
 
 @dg.asset(
     partitions_def=block_ranges,
     group_name=GROUP,
     deps=["orders"],
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=SNAPSHOT_CONDITION,
     description="Per market, the full book (resting orders + levels, CRC32 checksum, sha256 state hash) at the "
     "range's checkpointed end block, in Postgres and as Parquet objects; built from the previous snapshot plus the "
-    "events since. Applies the retention policy.",
+    "events since. Applies the retention policy. Runs by itself after each ingestion of its range whose blocking "
+    "checks passed (snapshot_automation_sensor).",
 )
 def depth_snapshots(context: dg.AssetExecutionContext, settings: SettingsResource, postgres: PostgresResource,
                     snapshot_store: SnapshotStoreResource) -> dg.MaterializeResult:

@@ -1,4 +1,9 @@
-"""Keeps the analytics `markets` partitions in step with the market registry and requests rebuilds."""
+"""Keeps the analytics `markets` partitions in step with the market registry and requests rebuilds.
+
+Partition keys are the markets' public names (storage/registry.py MARKET_NAME_SQL: the metric id, else the metric
+hash or address while unregistered), so the UI, a backfill and a run's tags read "GOLD_V1", not an internal id.
+The cursor maps partition key -> last trade block requested; run keys are "<key>@<last trade block>".
+"""
 
 import json
 
@@ -8,33 +13,54 @@ from sqlalchemy import text
 from orderbook_pipelines.jobs import analytics_job
 from orderbook_pipelines.partitions import MARKETS, markets
 from orderbook_pipelines.resources import PostgresResource
+from orderbook_pipelines.storage.registry import market_names
 
 MAX_RUNS_PER_TICK = 20
 
 
 @dg.sensor(job=analytics_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Adds a `markets` partition for every row of the market registry and requests a rebuild of "
-        "markets whose trades advanced since the last request (run key = market@last trade block).")
+           description="Adds a `markets` partition, named by the market's public name, for every row of the market "
+           "registry and requests a rebuild of markets whose trades advanced since the last request "
+           "(run key = market@last trade block).")
 def market_registry_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SensorResult:
     with postgres.engine().connect() as conn:
-        ids = [r[0] for r in conn.execute(text("SELECT market_id FROM markets ORDER BY market_id"))]
+        names = market_names(conn)
         marks: dict[int, int] = dict(
             conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
-    return plan_markets_tick(context, ids, marks)
+    return plan_markets_tick(context, names, marks)
 
 
-def plan_markets_tick(context: dg.SensorEvaluationContext, market_ids: list[int],
+def partition_keys(names: dict[int, str]) -> dict[int, str]:
+    """market_id -> partition key: the public name, or the id as text for a name already taken (the same metric
+    id on two chains of one database), which the assets resolve as well."""
+    keys: dict[int, str] = {}
+    taken: set[str] = set()
+    for mid in sorted(names):
+        key = names[mid] if names[mid] not in taken else str(mid)
+        keys[mid] = key
+        taken.add(key)
+    return keys
+
+
+def plan_markets_tick(context: dg.SensorEvaluationContext, names: dict[int, str],
                       trade_marks: dict[int, int]) -> dg.SensorResult:
+    """`names`: market_id -> public name; `trade_marks`: market_id -> block of its last trade.
+
+    A cursor of an instance from before names (keyed by market_id) matches no key, so each traded market is
+    rebuilt once under its named partition; entries of keys that no longer exist are dropped.
+    """
+    keys = partition_keys(names)
     existing = set(context.instance.get_dynamic_partitions(MARKETS))
-    keys = [str(m) for m in market_ids]
-    new = [k for k in keys if k not in existing]
-    seen = json.loads(context.cursor) if context.cursor else {}
+    new = [k for k in keys.values() if k not in existing]
+    old = json.loads(context.cursor) if context.cursor else {}
+    seen = {k: v for k, v in old.items() if k in set(keys.values())}
     requests: list[dg.RunRequest] = []
-    for m in market_ids:
-        mark = trade_marks.get(m)
-        if mark is None or seen.get(str(m)) == mark or len(requests) >= MAX_RUNS_PER_TICK:
+    for mid, key in keys.items():
+        mark = trade_marks.get(mid)
+        if mark is None or seen.get(key) == mark or len(requests) >= MAX_RUNS_PER_TICK:
             continue
-        requests.append(dg.RunRequest(partition_key=str(m), run_key=f"{m}@{mark}", tags={"obp/market": str(m)}))
-        seen[str(m)] = mark
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen),
-                        dynamic_partitions_requests=[markets.build_add_request(new)] if new else [])
+        requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}@{mark}",
+                                      tags={"obp/market": key, "obp/market_id": str(mid)}))
+        seen[key] = mark
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True),
+                           dynamic_partitions_requests=[markets.build_add_request(new)] if new else [])

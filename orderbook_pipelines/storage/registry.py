@@ -128,7 +128,7 @@ def resolve_market(conn: Connection, market: str) -> tuple[int, str]:
     row = conn.execute(
         text(f"SELECT market_id, {MARKET_NAME_SQL} AS name FROM markets m "
              "WHERE m.market_id::text = :m OR m.metric_id = :m OR m.metric_hash = lower(:m) OR m.address = lower(:m) "
-             "ORDER BY market_id LIMIT 1"),
+             "ORDER BY COALESCE(m.metric_id = :m, false) DESC, market_id LIMIT 1"),  # a name beats an id
         {"m": market},
     ).first()
     if row is None:
