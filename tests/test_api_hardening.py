@@ -1,6 +1,8 @@
 """API hardening against the running live service (real uvicorn, anvil, Postgres), loopback only.
 
 * schemathesis generates requests from the served OpenAPI spec: no 5xx, whatever the parameters;
+* a property-based test goes beyond the spec's types (dates at and past the calendar's limits, integers of
+  any size and sign, forged cursors, garbage and unicode): every answer is 200/400/404 with a JSON body;
 * one abusive client (its own loopback address, its own process) hammering REST and WebSocket limits does not
   degrade a well-behaved client: every good request succeeds and its p99 stays within a bound relative to a
   baseline measured in the same test;
@@ -10,7 +12,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,11 +23,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
@@ -96,6 +102,104 @@ def test_fuzzed_requests_from_the_openapi_spec_never_get_a_5xx(world: tuple[DevC
         for path in ("/api/depth", "/api/trades", "/api/orders"):
             assert {400, 404} & seen[path] and 200 in seen[path], (path, seen[path])
         print("fuzzed statuses:", {p: sorted(s) for p, s in seen.items()})
+
+
+# -- property: no parameter value gets a 5xx -----------------------------------------------------------------
+
+SEED = int(os.environ.get("OBP_TEST_SEED", random.randrange(2**32)))
+LIMIT_DATES = ["9999-12-31T23:59:59Z", "9999-12-31T23:59:59.999999+00:00", "0001-01-01T00:00:00Z",
+               "0001-01-01T00:00:00", "9999-12-31T23:00:00-05:00", "0001-01-01T03:00:00+05:00",
+               "9999-12-31", "0001-01-01", "10000-01-01T00:00:00Z", "0000-12-31T00:00:00Z", "2026-02-30T00:00:00Z",
+               "2026-01-01T24:00:00Z", "2026-01-01T00:00:00+24:00", "-2026-01-01"]
+HUGE = [str(2**63), str(2**63 - 1), str(-(2**63)), str(2**64), "9" * 256, "-" + "9" * 255, "1e308", "nan", "inf",
+        "-0", "+5", " 7 ", "1_000", "\u0661\u0660", "0x10"]
+
+
+def _cursor(key: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+_ints = st.one_of(st.integers().map(str), st.integers(min_value=-(10**200), max_value=10**200).map(str),
+                 st.sampled_from(HUGE))
+_dates = st.one_of(
+    st.sampled_from(LIMIT_DATES),
+    st.builds(lambda t, off: t.replace(tzinfo=None if off is None else timezone(off)).isoformat(),
+              st.datetimes(min_value=datetime.min, max_value=datetime.max),
+              st.one_of(st.none(), st.timedeltas(min_value=-timedelta(hours=23, minutes=59),
+                                                  max_value=timedelta(hours=23, minutes=59)))),
+    st.datetimes(min_value=datetime(9999, 12, 1), max_value=datetime.max).map(lambda t: t.isoformat() + "Z"),
+    st.datetimes(max_value=datetime(1, 2, 1)).map(lambda t: t.isoformat() + "Z"))
+_garbage = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # httpx cannot encode lone surrogates
+_cursors = st.one_of(
+    _garbage,
+    st.lists(st.one_of(_ints.map(lambda v: int(v) if v.lstrip("-").isdigit() else v), st.floats(allow_nan=False),
+                       st.booleans(), st.none(), st.text(max_size=5)), max_size=3).map(_cursor))
+_markets = st.one_of(st.sampled_from(["SILVER_V1", "GOLD_V1", "ALUMINUM_V1", "silver_v1", "NOPE_V1"]), _garbage)
+_traders = st.one_of(
+    st.builds(lambda h, tail: "0x" + h + tail, st.text("0123456789abcdefABCDEF", min_size=40, max_size=40),
+              st.sampled_from(["", "\n", " ", "0", "\u0660"])),
+    _garbage)
+_statuses = st.one_of(st.sampled_from(["open", "partially_filled", "filled", "cancelled", "active", "history",
+                                       "OPEN", "open\n"]), _garbage)
+PARAMS: dict[str, dict[str, st.SearchStrategy[str]]] = {
+    "/api/depth": {"market": _markets, "levels": _ints},
+    "/api/trades": {"market": _markets, "limit": _ints, "cursor": _cursors, "since": _dates, "until": _dates},
+    "/api/orders": {"trader": _traders, "market": _markets, "status": _statuses, "limit": _ints, "cursor": _cursors},
+    "/api/markets/summary": {},
+}
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
+    path = draw(st.sampled_from(sorted(PARAMS)))
+    known = PARAMS[path]
+    names = draw(st.lists(st.sampled_from(sorted(known)), unique=True)) if known else []
+    params = {n: draw(known[n]) for n in names}
+    if draw(st.integers(0, 9)) == 0:  # now and then a parameter the route does not know
+        params[draw(_garbage.filter(lambda k: k not in known and k))] = draw(_garbage)
+    return path, params
+
+
+def test_no_parameter_value_gets_a_5xx_or_a_non_json_answer(world: tuple[DevChain, str]) -> None:
+    """Dates at and past datetime's limits (once an OverflowError and a plain-text 500), integers of any size,
+    forged cursors (numbers beyond bigint), trailing newlines, unicode: always 200/400/404, always JSON."""
+    chain, db = world
+    print(f"hypothesis seed {SEED} (rerun with OBP_TEST_SEED={SEED})")
+    seen: dict[str, set[int]] = {}
+    with serve(chain, db, ServiceOptions(poll_s=0.5, api_requests_per_second=100000)) as (_, url), \
+            httpx.Client(base_url=f"http://{url}", timeout=30) as http:
+
+        def check(path: str, params: dict[str, str]) -> None:
+            r = http.get(path, params=params)
+            seen.setdefault(path, set()).add(r.status_code)
+            assert r.status_code in (200, 400, 404), f"seed {SEED}: GET {r.url} -> {r.status_code}: {r.text[:300]}"
+            assert r.headers["content-type"].startswith("application/json"), r.headers["content-type"]
+            body = r.json()
+            if r.status_code == 200:
+                assert isinstance(body, dict) and "error" not in body
+            else:
+                err = body["error"]
+                assert err["code"] in ("invalid_parameter", "unknown_market") and err["message"]
+                assert err["parameter"] in set(params) | set(PARAMS[path]), err
+
+        for date in LIMIT_DATES:  # the reported cases, every time, whatever the seed draws
+            for name in ("since", "until"):
+                check("/api/trades", {"market": "SILVER_V1", name: date})
+            check("/api/trades", {"market": "SILVER_V1", "since": date, "until": date})
+        for key in ([2**64 - 1, 0], [2**63, 1], [-1, -1], [1.5, 2], [True, 1], [2**63 - 1, 2**63 - 1]):
+            check("/api/trades", {"market": "SILVER_V1", "cursor": _cursor(key)})
+            check("/api/orders", {"market": "SILVER_V1", "cursor": _cursor(key)})
+
+        @seed(SEED)
+        @settings(max_examples=400, deadline=None, database=None, print_blob=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(_requests())
+        def prop(req: tuple[str, dict[str, str]]) -> None:
+            check(*req)
+
+        prop()
+    print("statuses:", {p: sorted(s) for p, s in seen.items()})
+    assert {200, 400} <= seen["/api/trades"] and {200, 400} <= seen["/api/orders"], seen
 
 
 ABUSER = r"""

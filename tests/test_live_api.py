@@ -200,6 +200,38 @@ def test_openapi_is_served_and_committed(served) -> None:  # type: ignore[no-unt
     assert set(committed["paths"]) >= {"/api/depth", "/api/trades", "/api/orders", "/api/markets/summary"}
 
 
+def _schema(spec: dict, path: str) -> dict:
+    return spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+
+
+def test_every_field_answered_is_documented_and_freshness_is_required(served) -> None:  # type: ignore[no-untyped-def]
+    """The spec names each field the service sends (so a new field cannot go undocumented), and `as_of` is
+    required wherever the data follows ingestion."""
+    chain, svc, url, _p = served
+    wait_until_current(svc, chain)
+    trader = chain.anvil.w3.eth.accounts[1].lower()
+    for path, params in [("/api/depth", {"market": "SILVER_V1"}), ("/api/trades", {"market": "SILVER_V1"}),
+                         ("/api/orders", {"trader": trader}), ("/api/markets/summary", {}), ("/health", {})]:
+        schema = _schema(SPEC, path)
+        body = httpx.get(f"http://{url}{path}", params=params).json()
+        assert set(body) <= set(schema["properties"]), (path, set(body) - set(schema["properties"]))
+        assert set(schema.get("required", ())) <= set(body), path
+    for path in ("/api/trades", "/api/orders", "/api/markets/summary"):
+        assert "as_of" in _schema(SPEC, path)["required"], path
+    as_of = SPEC["components"]["schemas"]["AsOf"]
+    assert as_of["required"] == ["ingested_block", "live_block"]
+    summary = httpx.get(f"http://{url}/api/markets/summary").json()
+    item = _schema(SPEC, "/api/markets/summary")["properties"]["markets"]["items"]["properties"]
+    for m in summary["markets"]:
+        assert set(m) <= set(item), set(m) - set(item)
+    # each summary figure says where it comes from: the live book or Postgres as of the ingested block
+    for name, prop in item.items():
+        if name not in ("market", "decimals", "paused"):
+            assert "as_of.live_block" in prop["description"] or "as_of.ingested_block" in prop["description"], name
+    health = _schema(SPEC, "/health")["properties"]
+    assert {"ready", "reason", "ingested_block", "ingestion_lag_blocks"} <= set(health)
+
+
 def test_redis_holds_the_depth_and_streams_updates(served) -> None:  # type: ignore[no-untyped-def]
     chain, svc, url, prefix = served
     r = redis.Redis.from_url(REDIS_URL)

@@ -2,6 +2,9 @@
 
 Every parameter is validated with a 400 that names it; pages are capped; cursors are opaque and encode the
 stable sort key (block, log index), so pages neither repeat nor skip rows while new events arrive on top.
+Postgres follows ingestion, which trails the chain: every Postgres-backed answer says in `as_of` the block it
+is complete to (the ingested frontier of storage/checkpoints.py) next to the live book's block, so a client
+can tell history that is behind from history that is empty.
 """
 
 from __future__ import annotations
@@ -9,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,14 +31,21 @@ from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.hub import Hub
 from orderbook_pipelines.live.ratelimit import MovingWindow
+from orderbook_pipelines.storage import checkpoints
+
+log = logging.getLogger(__name__)
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
 MAX_SPAN = timedelta(days=31)
 STATS_MAX_AGE_S = 5.0
+FRONTIER_MAX_AGE_S = 1.0
+MAX_KEY = 2**63 - 1  # cursor components are bigint block numbers / log indexes
+_UTC_MIN = datetime.min.replace(tzinfo=UTC)
+_UTC_MAX = datetime.max.replace(tzinfo=UTC)
 STATUSES = {"open", "partially_filled", "filled", "cancelled"}
 STATUS_GROUPS = {"active": ("open", "partially_filled"), "history": ("filled", "cancelled")}
-_TRADER = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_TRADER = re.compile(r"0x[0-9a-fA-F]{40}")  # fullmatch: `$` would let a trailing newline through
 _KNOWN = {
     "/api/depth": {"market", "levels"},
     "/api/trades": {"market", "limit", "cursor", "since", "until"},
@@ -45,7 +58,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class BadRequest(Exception):
-    def __init__(self, parameter: str, message: str, status: int = 400, code: str = "invalid_parameter"):
+    def __init__(self, parameter: str | None, message: str, status: int = 400, code: str = "invalid_parameter"):
         super().__init__(message)
         self.parameter, self.message, self.status, self.code = parameter, message, status, code
 
@@ -86,7 +99,18 @@ def _time(q: dict[str, str], name: str) -> datetime | None:
         t = datetime.fromisoformat(raw)
     except ValueError:
         raise BadRequest(name, f"{name} must be an ISO-8601 timestamp") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    try:  # an offset can push a representable local time out of range (9999-12-31T23:00-05:00)
+        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    except OverflowError:
+        raise BadRequest(name, f"{name} must lie between 0001-01-01 and 9999-12-31 UTC") from None
+
+
+def _shift(t: datetime, by: timedelta) -> datetime:
+    """`t + by`, saturating at datetime's limits: a window that runs past them simply ends there."""
+    try:
+        return t + by
+    except OverflowError:
+        return _UTC_MAX if by > timedelta(0) else _UTC_MIN
 
 
 def encode_cursor(*key: int) -> str:
@@ -98,29 +122,47 @@ def decode_cursor(raw: str | None, n: int) -> tuple[int, ...] | None:
         return None
     try:
         key = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if isinstance(key, list) and len(key) == n and all(type(k) is int for k in key):
+        if isinstance(key, list) and len(key) == n and all(type(k) is int and 0 <= k <= MAX_KEY for k in key):
             return tuple(key)
     except (binascii.Error, ValueError, orjson.JSONDecodeError):
         pass
     raise BadRequest("cursor", "cursor is not one this API issued")
 
 
+@dataclass(frozen=True)
+class MarketStats:
+    """One computation of the Postgres-backed summary figures, with the ingested block it is complete to."""
+
+    by_market: dict[int, tuple]  # market -> (id, volume, high, low, last, count) over the last 24 h
+    open_interest: dict[int, Any]
+    decimals: dict[int, int]
+    ingested_block: int | None
+    computed_at: str
+
+
 class Api:
     """Reads the published books from the hub and everything historical from Postgres; nothing else."""
 
-    def __init__(self, hub: Hub, engine: Engine, requests_per_second: int = 50):
+    def __init__(self, hub: Hub, engine: Engine, requests_per_second: int = 50, *, chain_id: int | None = None,
+                 start_block: int | None = None, live_head: Callable[[], int | None] = lambda: None,
+                 not_ready: Callable[[], str | None] = lambda: None):
         self.hub = hub
         self.engine = engine
         self.limiter = MovingWindow(requests_per_second)
+        self.chain_id, self.start_block = chain_id, start_block
+        self.live_head = live_head  # block of the live book (WebSocket, /api/depth); None before the cold start
+        self.not_ready = not_ready  # why the service cannot answer yet (cold start not done), else None
         # Serialized bodies of the book-backed reads, valid while the hub's version is unchanged: at thousands
         # of requests/s per market a read is then a lookup (bench/live.py rest); the first read after a block
         # serializes once. Keys are bounded: (published market, 1..100 levels).
         self._depth: dict[tuple[int, int], tuple[int, bytes]] = {}
-        self._summary: tuple[int, object, bytes] | None = None
-        self._stats: tuple[dict[int, tuple], dict[int, Any]] | None = None
+        self._summary: tuple[int, MarketStats, int | None, bytes] | None = None  # (version, stats, live, body)
+        self._stats: MarketStats | None = None
         self._stats_mono = 0.0
-        self._stats_at: str | None = None
         self._stats_lock = asyncio.Lock()
+        self._frontier: int | None = None
+        self._frontier_mono = float("-inf")
+        self._frontier_lock = asyncio.Lock()
 
     def _query(self, request: Request) -> dict[str, str]:
         q = dict(request.query_params)
@@ -130,6 +172,9 @@ class Api:
         for k, v in q.items():
             if len(v) > 256:
                 raise BadRequest(k, f"{k} is too long")
+        why = self.not_ready()
+        if why is not None:  # no market is known before the first cold start: say why instead of "unknown"
+            raise BadRequest(None, f"the live service is starting: {why}", 503, "not_ready")
         return q
 
     def _market(self, q: dict[str, str], required: bool = True) -> int | None:
@@ -157,10 +202,40 @@ class Api:
                 return await fn(request)
             except BadRequest as e:
                 return _err(e)
+            except (SQLAlchemyError, OSError):  # Postgres down or restarting: the client should retry, not report
+                log.warning("%s: storage unavailable", route, exc_info=True)
+                return _err(BadRequest(None, "storage is unavailable, retry later", 503, "unavailable"))
+            except Exception:
+                log.exception("%s failed", route)
+                return _err(BadRequest(None, "internal error", 500, "internal_error"))
             finally:
                 latency.observe(time.perf_counter() - t0)
 
         return handler
+
+    # -- freshness ------------------------------------------------------------------------------------------
+    async def ingested(self, max_age_s: float = FRONTIER_MAX_AGE_S) -> int | None:
+        """The ingested frontier (checkpoints.frontier), re-read at most every `max_age_s`; the service's timer
+        re-reads it ahead of requests. Read before the rows it describes, so it never overstates them."""
+        if time.monotonic() - self._frontier_mono > max_age_s:
+            async with self._frontier_lock:
+                if time.monotonic() - self._frontier_mono > max_age_s:
+                    at = time.monotonic()
+                    self._frontier = await run_in_threadpool(self._read_frontier)
+                    self._frontier_mono = at
+        return self._frontier
+
+    @property
+    def ingested_cached(self) -> int | None:
+        """The last frontier read (None before the first read or when nothing is ingested): /health's view."""
+        return self._frontier
+
+    def _read_frontier(self) -> int | None:
+        with self.engine.connect() as conn:
+            return checkpoints.frontier(conn, self.chain_id, self.start_block)
+
+    def _as_of(self, ingested: int | None) -> dict[str, int | None]:
+        return {"ingested_block": ingested, "live_block": self.live_head()}
 
     # -- routes ---------------------------------------------------------------------------------------------
     async def depth(self, request: Request) -> Response:
@@ -194,9 +269,9 @@ class Api:
         if since and until and until < since:
             raise BadRequest("until", "until is before since")
         if since and not until:
-            until = since + MAX_SPAN
+            until = _shift(since, MAX_SPAN)
         if until and not since:
-            since = until - MAX_SPAN
+            since = _shift(until, -MAX_SPAN)
         sql = ("SELECT block_number, log_index, block_time, tx_hash, price, quantity, buyer, seller FROM trades "
                "WHERE market_id = :m AND (CAST(:cb AS bigint) IS NULL OR (block_number, log_index) < (:cb, :cl)) "
                "AND (CAST(:since AS timestamptz) IS NULL OR block_time >= :since) "
@@ -204,17 +279,19 @@ class Api:
                "ORDER BY block_number DESC, log_index DESC LIMIT :lim")
         params = {"m": m, "cb": cursor[0] if cursor else None, "cl": cursor[1] if cursor else None,
                   "since": since, "until": until, "lim": limit + 1}
+        ingested = await self.ingested()  # before the rows: the page holds at least everything up to it
         rows = await run_in_threadpool(self._rows, sql, params)
         page = rows[:limit]
         nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
         return JSON({"market": q["market"], "trades": [
             {"block": r[0], "log_index": r[1], "time": r[2].isoformat(), "tx": r[3], "price": str(r[4]),
-             "quantity": str(r[5]), "buyer": r[6], "seller": r[7]} for r in page], "next_cursor": nxt})
+             "quantity": str(r[5]), "buyer": r[6], "seller": r[7]} for r in page], "next_cursor": nxt,
+            "as_of": self._as_of(ingested)})
 
     async def orders(self, request: Request) -> Response:
         q = self._query(request)
         trader = q.get("trader")
-        if trader is not None and not _TRADER.match(trader):
+        if trader is not None and not _TRADER.fullmatch(trader):
             raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
         m = self._market(q, required=trader is None)
         status = q.get("status")
@@ -233,6 +310,7 @@ class Api:
                "ORDER BY o.created_block DESC, o.created_log DESC LIMIT :lim")
         params = {"pub": published, "t": trader.lower() if trader else None, "m": m, "st": statuses,
                   "cb": cursor[0] if cursor else None, "cl": cursor[1] if cursor else None, "lim": limit + 1}
+        ingested = await self.ingested()
         rows = await run_in_threadpool(self._rows, sql, params)
         page = rows[:limit]
         nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
@@ -241,58 +319,69 @@ class Api:
             {"market": names.get(r[2]), "order_id": r[3], "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
              "type": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
              "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "created_block": r[0],
-             "updated_block": r[12]} for r in page], "next_cursor": nxt})
+             "updated_block": r[12]} for r in page], "next_cursor": nxt, "as_of": self._as_of(ingested)})
 
     async def summary(self, request: Request) -> Response:
         self._query(request)
         hub = self.hub
-        stats, oi = await self.market_stats()
+        st = await self.market_stats()
+        live_block = self.live_head()
         cached = self._summary
-        if cached is not None and cached[0] == hub.version and cached[1] is self._stats:
-            return Body(cached[2])
-        version, stats_ref = hub.version, self._stats
+        if cached is not None and cached[0] == hub.version and cached[1] is st and cached[2] == live_block:
+            return Body(cached[3])
         out = []
         for m in sorted(hub.publishable):
             v = hub.views.get(m)
             bid = v.bids[0][0] if v and v.bids else None
             ask = v.asks[0][0] if v and v.asks else None
-            s = stats.get(m)
+            s = st.by_market.get(m)
             out.append({
-                "market": hub.names.get(m), "best_bid": _s(bid), "best_ask": _s(ask),
+                "market": hub.names.get(m), "decimals": st.decimals.get(m),
+                "best_bid": _s(bid), "best_ask": _s(ask),
                 "mid": _s((bid + ask) // 2 if bid and ask else None), "spread": _s(ask - bid if bid and ask else None),
                 "volume_24h": _s(s[1] if s else 0), "high_24h": _s(s[2] if s else None),
                 "low_24h": _s(s[3] if s else None), "last": _s(s[4] if s else None), "trades_24h": s[5] if s else 0,
-                "open_interest": _s(oi.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
-        body = orjson.dumps({"markets": out, "stats_as_of": self._stats_at})
-        self._summary = (version, stats_ref, body)
+                "open_interest": _s(st.open_interest.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
+        body = orjson.dumps({"markets": out, "stats_as_of": st.computed_at,
+                             "as_of": {"ingested_block": st.ingested_block, "live_block": live_block,
+                                       "stats_computed_at": st.computed_at}})
+        self._summary = (hub.version, st, live_block, body)
         return Body(body)
 
-    async def market_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> tuple[dict[int, tuple], dict[int, Any]]:
-        """24h trade statistics and open interest of every published market, recomputed at most every
+    async def market_stats(self, max_age_s: float = STATS_MAX_AGE_S) -> MarketStats:
+        """24h trade statistics, open interest and decimals of every published market, recomputed at most every
         `max_age_s`: at thousands of markets the aggregate costs hundreds of ms, far too much per request,
         while best bid/ask (the part that must be current) comes from the live book."""
         if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
             async with self._stats_lock:
                 if self._stats is None or time.monotonic() - self._stats_mono > max_age_s:
                     pub = sorted(self.hub.publishable)
-                    since = datetime.now(UTC) - timedelta(hours=24)
+                    computed_at = datetime.now(UTC)
+                    ingested = await self.ingested(max_age_s=0.0)  # before the aggregates: never overstated
                     rows = await run_in_threadpool(self._rows, (
                         "SELECT market_id, sum(quantity), max(price), min(price), "
                         "(array_agg(price ORDER BY block_number DESC, log_index DESC))[1], count(*) FROM trades "
                         "WHERE block_time >= :since AND market_id = ANY(:pub) GROUP BY market_id"),
-                        {"since": since, "pub": pub})
+                        {"since": computed_at - timedelta(hours=24), "pub": pub})
                     oi = dict(await run_in_threadpool(self._rows, (
                         "SELECT market_id, sum(net_quantity) FROM positions WHERE net_quantity > 0 "
                         "AND market_id = ANY(:pub) GROUP BY market_id"), {"pub": pub}))
-                    self._stats = ({r[0]: r for r in rows}, oi)
+                    decimals = dict(await run_in_threadpool(self._rows, (
+                        "SELECT market_id, decimals FROM markets WHERE market_id = ANY(:pub)"), {"pub": pub}))
+                    self._stats = MarketStats({r[0]: r for r in rows}, oi, decimals, ingested,
+                                              computed_at.isoformat())
                     self._stats_mono = time.monotonic()
-                    self._stats_at = datetime.now(UTC).isoformat()
         return self._stats
 
     @property
     def stats_age_s(self) -> float:
         """Seconds since the statistics were last computed (the service's timer refreshes them ahead of readers)."""
         return time.monotonic() - self._stats_mono
+
+    @property
+    def frontier_age_s(self) -> float:
+        """Seconds since the frontier was last read (the service's timer re-reads it ahead of readers)."""
+        return time.monotonic() - self._frontier_mono
 
     def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         with self.engine.connect() as conn:

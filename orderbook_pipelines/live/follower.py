@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from orderbook_pipelines.book.model import BookEvent, order_key
 from orderbook_pipelines.chain.normalize import OrderEventRow
-from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
+from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient, RpcError
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.live import metrics
@@ -243,6 +243,9 @@ class Follower:
                 if self.step() == 0:
                     self.wake.wait(self.poll_s)
                     self.wake.clear()
+            except RpcError as exc:  # the node is down or refusing: one line (the client logged its retries)
+                log.warning("follower step failed: %s; retrying", exc)
+                self._stop.wait(1.0)
             except Exception:  # keep following; /ready reports staleness
                 log.exception("follower step failed")
                 self._stop.wait(1.0)

@@ -3,6 +3,10 @@
 The follower thread owns the books; it hands each update to the event loop (call_soon_threadsafe) and, when
 Redis is configured, writes the top-N depth and per-user open orders through to Redis and publishes the
 update per market so that other API processes can fan it out. Without Redis everything stays in-process.
+
+Startup never depends on the node: the cold start runs in its own thread, retried with a bounded backoff, and
+the HTTP server answers /health and /ready (with the reason: the node's host:port and its error) from the
+start; the server waits only for the first attempt, so with a healthy node the books are there when it opens.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -28,10 +34,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from orderbook_pipelines import obs
-from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.chain.rpc import ChainClient, RpcError
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.live import metrics
-from orderbook_pipelines.live.api import Api
+from orderbook_pipelines.live.api import FRONTIER_MAX_AGE_S, Api
 from orderbook_pipelines.live.follower import Follower, Update
 from orderbook_pipelines.live.heads import HeadWatcher, ws_url_for
 from orderbook_pipelines.live.http_log import RequestLog
@@ -55,6 +61,44 @@ class ServiceOptions:
     markets_refresh_s: float = 5.0
     admin_token: str | None = None
     api_requests_per_second: int = 50
+    start_retry_s: float = 0.5  # first pause after a failed cold start; doubles up to start_retry_max_s
+    start_retry_max_s: float = 10.0
+    startup_wait_s: float = 10.0  # the server opens after the first cold-start attempt, or after this long
+    rpc_down_grace_s: float = 3.0  # /ready turns false once the node has been unreachable this long
+
+
+def node_address(rpc_url: str) -> str:
+    """host:port of the RPC node: what an operator needs, without the path or credentials (API keys)."""
+    u = urlsplit(rpc_url)
+    host = u.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port: int | str = u.port or {"https": 443, "wss": 443}.get(u.scheme, 80)
+    except ValueError:  # a port that is not a number: config validation reports it, we only name it
+        port = "?"
+    return f"{host}:{port}"
+
+
+def describe_failure(exc: BaseException, node: str) -> str:
+    """One line naming what failed: the node by host:port with the innermost OS error ("[Errno 111] Connection
+    refused") rather than the HTTP stack's nested wrappers, Postgres by its driver's first line."""
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    if isinstance(exc, RpcError):
+        if isinstance(root, OSError) and type(root).__module__ in ("builtins", "socket", "ssl"):
+            return f"RPC node {node} unreachable: {root}"
+        return f"RPC node {node}: {_first_line(exc)}"
+    if isinstance(exc, SQLAlchemyError):
+        return f"Postgres: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def publishable_markets(engine: Engine) -> set[int]:
@@ -85,6 +129,18 @@ class LiveService:
         self.heads: HeadWatcher | None = None
         self.node: ClusterNode | None = None
         self.api: Api | None = None
+        self.rpc_node = node_address(c.rpc_url)
+        self.started = threading.Event()  # books built and followed (or, API-only, the Redis feed running)
+        self.start_attempts = 0
+        self.start_failures = 0
+        self.start_error: str | None = None  # why the last start attempt failed; None once one succeeded
+        self.fatal_error: str | None = None  # the hand-over to serving failed: only a restart helps
+        self.rpc_error: str | None = None  # the background probe's last failure; None once the node answers
+        self.rpc_failing_since: float | None = None
+        self._t0 = time.perf_counter()
+        self._first_attempt = threading.Event()
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()  # stop() and the start thread's hand-over to the follower
         if cluster:  # several processes: workers publish owned markets through Redis; everyone serves from it
             if not redis_url:
                 raise ValueError("cluster mode needs REDIS_URL")
@@ -118,33 +174,82 @@ class LiveService:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the books in the background and wait for the first attempt only (at most startup_wait_s)."""
         self.loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        if self.node is not None and not self.node.worker:  # API-only process: everything comes from Redis
-            await asyncio.to_thread(self.follower.refresh_registry, True)
-            await asyncio.to_thread(self._refresh_markets)
-            await asyncio.to_thread(self.node.start, self.loop)
-            print(f"live: API process serving {len(self.hub.views)} markets from Redis", flush=True)
+        self._t0 = time.perf_counter()
+        threading.Thread(target=self._start_until_up, name="live-start", daemon=True).start()
+        deadline = time.monotonic() + self.options.startup_wait_s
+        while not self._first_attempt.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def _start_until_up(self) -> None:
+        """Thread body: build the books until it works, pausing start_retry_s, doubling up to start_retry_max_s."""
+        delay = self.options.start_retry_s
+        while not self._stopping.is_set():
+            self.start_attempts += 1
+            try:
+                self._build_books()
+            except Exception as exc:  # node or Postgres down: /health and /ready say so, and we try again
+                self.start_failures += 1
+                self.start_error = describe_failure(exc, self.rpc_node)
+                log.warning("live: start attempt %d failed: %s; next attempt in %.1fs", self.start_attempts,
+                            self.start_error, delay)
+                self._first_attempt.set()
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.options.start_retry_max_s)
+                continue
+            self.start_error = None
+            try:
+                self._go_live()
+            except Exception as exc:  # threads may be running: not retried (cluster: Redis refused us)
+                self.fatal_error = describe_failure(exc, self.rpc_node)
+                log.exception("live: could not start serving")
+            self._first_attempt.set()
             return
-        await asyncio.to_thread(self.follower.cold_start)
-        await asyncio.to_thread(self._refresh_markets)
-        self.first_book_s = time.perf_counter() - t0
-        # Millions of long-lived book objects: keep them out of the cyclic GC's full collections, whose pauses
-        # otherwise show up as REST/WebSocket tail latency (bench/live.py).
-        gc.freeze()
-        st = self.follower.stats
-        print(f"live: first correct book after {self.first_book_s:.2f}s at block {st.cold_start_block} "
-              f"({len(self.hub.views)} markets)", flush=True)
-        self.thread = threading.Thread(target=self.follower.run, name="follower", daemon=True)
-        self.thread.start()
-        if self.options.head_subscription:
-            self.heads = HeadWatcher(ws_url_for(self.config.chain.rpc_url), self.follower.wake)
-            self.heads.start()
-        if self.node is not None:
-            await asyncio.to_thread(self.node.start, self.loop)
+
+    def _build_books(self) -> None:
+        """One start attempt: the books at the chain head (API-only: the registry; the books come from Redis)."""
+        if self.node is not None and not self.node.worker:
+            self.follower.refresh_registry(True)
+            self._refresh_markets()
+            return
+        self.probed_head = self.probe.block_number()  # a dead node fails here at once (the probe does not retry)
+        self.follower.cold_start()
+        self._refresh_markets()
+
+    def _go_live(self) -> None:
+        """Start following (and publishing); once only."""
+        assert self.loop is not None
+        with self._lifecycle:
+            if self._stopping.is_set():
+                return
+            if self.node is not None and not self.node.worker:
+                self.node.start(self.loop)
+                self.started.set()
+                print(f"live: API process serving {len(self.hub.views)} markets from Redis", flush=True)
+                return
+            first_book_s = time.perf_counter() - self._t0
+            # Millions of long-lived book objects: keep them out of the cyclic GC's full collections, whose
+            # pauses otherwise show up as REST/WebSocket tail latency (bench/live.py).
+            gc.freeze()
+            st = self.follower.stats
+            st.last_progress = time.monotonic()  # the cold start was progress: a long outage before it is not staleness
+            self.thread = threading.Thread(target=self.follower.run, name="follower", daemon=True)
+            self.thread.start()
+            if self.options.head_subscription:
+                self.heads = HeadWatcher(ws_url_for(self.config.chain.rpc_url), self.follower.wake)
+                self.heads.start()
+            if self.node is not None:
+                self.node.start(self.loop)
+            self.started.set()
+            self.first_book_s = first_book_s  # after `started`: whoever waits for it finds the API answering
+        print(f"live: first correct book after {first_book_s:.2f}s at block {st.cold_start_block} "
+              f"({len(self.hub.views)} markets, start attempt {self.start_attempts})", flush=True)
 
     async def stop(self) -> None:
-        if self.node is not None:
+        with self._lifecycle:
+            self._stopping.set()
+        if self.node is not None and self.started.is_set():
             self.node.stop()
         self.follower.stop()
         if self.heads is not None:
@@ -153,31 +258,61 @@ class LiveService:
             await asyncio.to_thread(self.thread.join, 10)
 
     async def background(self) -> None:
-        """Coalescing timer and market-registry refresh."""
-        last_refresh = last_probe = time.monotonic()
+        """Coalescing timer. The slow periodic work runs in tasks of its own: a hung RPC or Postgres call must
+        not hold back coalesced deltas."""
+        tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._refresh_loop())]
+        try:
+            while True:
+                await asyncio.sleep(0.02)
+                self.hub.flush_due()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _probe_loop(self) -> None:
+        """An independent view of the head, and of whether the node answers at all (/ready, /health)."""
         while True:
-            await asyncio.sleep(0.02)
-            self.hub.flush_due()
-            if self.api is not None and self.api.stats_age_s > 4.0:
+            try:
+                head = await asyncio.to_thread(self.probe.block_number)
+            except Exception as exc:
+                self.rpc_error = describe_failure(exc, self.rpc_node)
+                if self.rpc_failing_since is None:
+                    self.rpc_failing_since = time.monotonic()
+            else:
+                self.probed_head = head
+                self.rpc_error = self.rpc_failing_since = None
+            await asyncio.sleep(1.0)
+
+    async def _refresh_loop(self) -> None:
+        """Ingested frontier, summary statistics and the market registry, refreshed ahead of readers."""
+        last_markets = time.monotonic()
+        while True:
+            await asyncio.sleep(0.1)
+            api = self.api
+            if api is not None and api.frontier_age_s > 0.8 * FRONTIER_MAX_AGE_S:
                 with contextlib.suppress(Exception):
-                    await self.api.market_stats(max_age_s=4.0)
-            if time.monotonic() - last_probe > 1.0:
-                last_probe = time.monotonic()
+                    await api.ingested(max_age_s=0.8 * FRONTIER_MAX_AGE_S)
+            if not self.started.is_set():
+                continue
+            if api is not None and api.stats_age_s > 4.0:
                 with contextlib.suppress(Exception):
-                    self.probed_head = await asyncio.to_thread(self.probe.block_number)
-            if time.monotonic() - last_refresh > self.options.markets_refresh_s:
-                last_refresh = time.monotonic()
+                    await api.market_stats(max_age_s=4.0)
+            if time.monotonic() - last_markets > self.options.markets_refresh_s:
+                last_markets = time.monotonic()
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._refresh_markets)
 
     # -- health ---------------------------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         st = self.follower.stats
-        head = self.follower.books.head
+        head = self.follower.books.head if self.started.is_set() else None
         chain_head = max(st.head_seen, self.probed_head)
+        ingested = self.api.ingested_cached if self.api is not None else None
         return {
             "chain_head": chain_head, "applied_block": head.number if head else None,
             "lag_blocks": (chain_head - head.number) if head and chain_head >= 0 else None,
+            "ingested_block": ingested,
+            "ingestion_lag_blocks": (chain_head - ingested) if ingested is not None and chain_head >= 0 else None,
             "seconds_since_progress": round(time.monotonic() - st.last_progress, 3),
             "reorgs": st.reorgs, "max_reorg_depth": st.max_reorg_depth, "resets": st.resets,
             "cold_start_s": round(st.cold_start_s, 3), "markets": len(self.hub.views),
@@ -185,17 +320,43 @@ class LiveService:
                        "markets": sorted(self.hub.names.get(m, str(m)) for m in self.hub.paused)},
             "redis": self.redis is not None,
             "head_subscription": bool(self.heads and self.heads.connected),
+            "rpc_node": self.rpc_node, "start_attempts": self.start_attempts,
             "cluster": None if self.node is None else {
                 "worker": self.node.cluster.worker_id, "owned_markets": len(self.follower.owned or ()),
                 "fenced_publishes": self.node.fenced},
         }
 
+    def health(self) -> dict[str, Any]:
+        """Always answered (liveness): state, plus whether the service is ready and why not."""
+        h = self._state()
+        ok, why = self._ready(h)
+        status = "ok" if ok else "degraded" if self.started.is_set() else "starting"
+        return {"status": status, "ready": ok, "reason": why, **h}
+
     def ready(self) -> tuple[bool, str]:
         """Ready only when the book is current: not when the chain moves on and we do not."""
+        return self._ready(self._state())
+
+    def _not_started(self) -> str | None:
+        if self.started.is_set():
+            return None
+        if self.fatal_error is not None:
+            return f"could not start serving (restart the service): {self.fatal_error}"
+        if self.start_error is not None:
+            return (f"cold start failed ({self.start_failures}x, retrying with a backoff of at most "
+                    f"{self.options.start_retry_max_s:g}s): {self.start_error}")
+        return f"cold start in progress (attempt {self.start_attempts})"
+
+    def _ready(self, h: dict[str, Any]) -> tuple[bool, str]:
+        why = self._not_started()
+        if why is not None:
+            return False, why
         if self.node is not None and not self.node.worker:
             ok = self.node.feed.thread.is_alive() and bool(self.hub.views)
             return ok, "serving from redis" if ok else "redis feed not running"
-        h = self.health()
+        since, err = self.rpc_failing_since, self.rpc_error
+        if err is not None and since is not None and time.monotonic() - since > self.options.rpc_down_grace_s:
+            return False, f"{err} (for {time.monotonic() - since:.0f}s)"
         if h["applied_block"] is None:
             return False, "cold start not finished"
         if h["lag_blocks"] is not None and h["lag_blocks"] > self.options.ready_max_lag_blocks:
@@ -205,12 +366,18 @@ class LiveService:
             return False, f"no progress for {h['seconds_since_progress']}s while the head advances"
         return True, "current"
 
+    def _live_head(self) -> int | None:
+        head = self.follower.books.head
+        return head.number if head is not None and self.started.is_set() else None
+
     # -- app ------------------------------------------------------------------------------------------------
     def app(self) -> Starlette:
-        api = self.api = Api(self.hub, self.engine, self.options.api_requests_per_second)
+        c = self.config.chain
+        api = self.api = Api(self.hub, self.engine, self.options.api_requests_per_second, chain_id=c.chain_id,
+                             start_block=c.start_block, live_head=self._live_head, not_ready=self._not_started)
 
         async def health(_: Request) -> Response:
-            return JSONResponse({"status": "ok", **self.health()})
+            return JSONResponse(self.health())
 
         async def ready(_: Request) -> Response:
             ok, why = self.ready()
