@@ -108,6 +108,8 @@ def test_ctrl_c_while_blocked_on_a_silent_node_exits_130_in_one_line(tmp_path: P
     url = f"http://127.0.0.1:{silent_server.getsockname()[1]}"
     proc = subprocess.Popen([*INGEST, "--workers", workers],
                             env=_env(tmp_path, database, url, rpc_timeout_s=60, rpc_deadline_s=60),
+                            # as from a terminal: a test run started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         silent_server.settimeout(60)
