@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -170,7 +171,25 @@ class Market(Strict):
         return "0x" + keccak(text=self.metric_id).hex()
 
 
+_REMOVED_CHAIN_KEYS = {
+    "tip_interval_blocks": "ranges now run once, when all their blocks are final; size range_size to bound lag",
+}
+
+
 class Chain(Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        """Keys of earlier versions are dropped with a warning that says why, not refused: a config that worked
+        keeps working after an upgrade."""
+        if isinstance(data, dict) and _REMOVED_CHAIN_KEYS.keys() & data.keys():
+            data = dict(data)
+            for key in sorted(_REMOVED_CHAIN_KEYS.keys() & data.keys()):
+                data.pop(key)
+                logging.getLogger(__name__).warning("chain.%s is no longer used (%s): remove it from the config",
+                                                    key, _REMOVED_CHAIN_KEYS[key])
+        return data
+
     rpc_url: str = "http://127.0.0.1:8545"
     chain_id: int = Field(default=31337, gt=0)
     start_block: int = Field(default=0, ge=0)
@@ -185,7 +204,6 @@ class Chain(Strict):
     rpc_deadline_s: float = Field(default=10.0, gt=0, description=(
         "Seconds one call may spend retrying (on top of the rpc_retries cap): no retry starts after it, so an "
         "unreachable node fails within about this long, a silent one within this plus rpc_timeout_s at worst."))
-    tip_interval_blocks: int = Field(default=50, ge=1)
 
 
 class Reconciliation(Strict):

@@ -447,3 +447,16 @@ def test_empty_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(path, env=no_env())
     assert "sources" in str(exc.value)
+
+
+def test_a_removed_chain_key_is_dropped_with_a_warning_that_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """Configs written before ranges ran once-when-final keep loading after the upgrade, and say what to remove."""
+    raw = sample_config()
+    raw["chain"]["tip_interval_blocks"] = 10
+    with caplog.at_level("WARNING", logger="orderbook_pipelines.config"):
+        cfg = parse_config(raw)
+    assert cfg.chain == parse_config(sample_config()).chain
+    assert any("chain.tip_interval_blocks is no longer used" in r.getMessage() for r in caplog.records)
+    raw["chain"]["tip_intervall_blocks"] = 10  # a typo is still refused
+    with pytest.raises(ConfigError, match="tip_intervall_blocks"):
+        parse_config(raw)

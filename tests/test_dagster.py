@@ -59,8 +59,7 @@ def test_range_keys_sort_in_chain_order_and_round_trip() -> None:
 def _tick(instance: DagsterInstance, safe: int, stored: dict[int, int] | None = None,
           busy: set[str] | None = None) -> SensorResult:
     ctx = build_sensor_context(instance=instance)
-    result = plan_tick(ctx, start_block=10, range_size=100, tip_interval=20, safe=safe, stored=stored or {},
-                       busy=busy or set())
+    result = plan_tick(ctx, start_block=10, range_size=100, safe=safe, stored=stored or {}, busy=busy or set())
     assert isinstance(result, SensorResult)
     for req in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(block_ranges.name, list(req.partition_keys))
@@ -71,23 +70,23 @@ def _keys(result: SensorResult) -> list[str]:
     return [r.partition_key for r in result.run_requests]
 
 
-def test_sensor_requests_what_checkpoints_do_not_cover_and_the_tip_as_it_grows() -> None:
+def test_sensor_requests_each_range_once_when_it_becomes_final_and_never_an_open_one() -> None:
     instance = DagsterInstance.ephemeral()
-    first = _tick(instance, safe=259)  # ranges 10-109, 110-209 complete; 210-309 open at 259
-    assert _keys(first) == [range_key(10, 109), range_key(110, 209), range_key(210, 309)]
-    assert set(instance.get_dynamic_partitions(block_ranges.name)) == {
-        range_key(10, 109), range_key(110, 209), range_key(210, 309)}
-    stored = {10: 109, 110: 209, 210: 259}  # what those runs committed
-    assert _tick(instance, safe=265, stored=stored).run_requests == []  # 6 more final blocks: under the interval
-    later = _tick(instance, safe=330, stored=stored)  # 210-309 can complete; 310-409 has 21 final blocks (>= 20)
-    assert _keys(later) == [range_key(210, 309), range_key(310, 409)]
+    first = _tick(instance, safe=259)  # ranges 10-109, 110-209 final; 210-309 open at 259
+    assert _keys(first) == [range_key(10, 109), range_key(110, 209)]
+    assert set(instance.get_dynamic_partitions(block_ranges.name)) == {range_key(10, 109), range_key(110, 209)}
+    stored = {10: 109, 110: 209}  # what those runs committed
+    assert _tick(instance, safe=308, stored=stored).run_requests == []  # 210-309 still open: nothing to run
+    later = _tick(instance, safe=330, stored=stored)  # 210-309 became final; 310-409 is open
+    assert _keys(later) == [range_key(210, 309)]
+    assert _tick(instance, safe=340, stored={**stored, 210: 309}).run_requests == []  # done once, not again
 
 
 def test_sensor_never_requests_a_range_that_is_queued_or_running() -> None:
-    """Runs piling up for the same range (a tip range requested every few blocks while queued) is the bug."""
+    """Runs piling up for the same range (a range requested every few blocks while queued) is the bug."""
     instance = DagsterInstance.ephemeral()
     busy = {range_key(10, 109), range_key(210, 309)}
-    assert _keys(_tick(instance, safe=290, busy=busy)) == [range_key(110, 209)]
+    assert _keys(_tick(instance, safe=310, busy=busy)) == [range_key(110, 209)]
 
 
 def test_a_range_whose_run_died_without_a_checkpoint_is_requested_again() -> None:
@@ -131,7 +130,7 @@ def test_sensor_against_the_real_chain(simulated_chain: DevChain, database: str)
     cfg = simulated_chain.config.chain
     safe = simulated_chain.anvil.w3.eth.block_number - cfg.confirmations
     assert isinstance(result, SensorResult)
-    expected = ranges_up_to(cfg.start_block, cfg.range_size, safe)
+    expected = [(a, b) for a, b in ranges_up_to(cfg.start_block, cfg.range_size, safe) if b <= safe]
     assert list(result.dynamic_partitions_requests[0].partition_keys) == [range_key(a, b) for a, b in expected]
     assert [r.partition_key for r in result.run_requests] == [range_key(a, b) for a, b in expected][:25]
 
@@ -203,10 +202,10 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
     then commit their checkpoint (up to the safe head they read when they started) or, for two ranges, fail once.
 
     Over the whole history: never a request for a range whose run is queued or running; a failed range is
-    requested again at the first tick after RETRY_AFTER and not before; the open tip range is requested only when
-    tip_interval more blocks are final beyond what is stored; and nothing the chain made final is left behind.
+    requested again at the first tick after RETRY_AFTER and not before; an open range is never requested, a final
+    one once (twice after a failure); and nothing the chain made final is left behind.
     """
-    start, size, tip, job = 10, 100, 20, "ingest_block_range"
+    start, size, job = 10, 100, "ingest_block_range"
     tick_every, queued, running = timedelta(seconds=15), 2, 2
     fail_once = {range_key(110, 209), range_key(410, 509)}
     instance = DagsterInstance.ephemeral()
@@ -217,7 +216,6 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
     in_flight: dict[str, _SimRun] = {}
     failed_at: dict[str, datetime] = {}
     requested: dict[str, list[int]] = {}
-    tip_rerequests = 0
     safe = 150
     for tick in range(90):
         now = t0 + tick * tick_every
@@ -238,7 +236,7 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
                     _report(instance, sim.run, DagsterEventType.RUN_SUCCESS, now - timedelta(seconds=5))
 
         result = plan_tick(build_sensor_context(instance=instance), start_block=start, range_size=size,
-                           tip_interval=tip, safe=safe, stored=dict(stored),
+                           safe=safe, stored=dict(stored),
                            busy=busy_partitions(instance, job, now=now))
         assert isinstance(result, SensorResult)
         for req in result.dynamic_partitions_requests:
@@ -251,9 +249,8 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
             assert key not in in_flight, f"tick {tick}: {key} requested while its run is queued or running"
             if key in failed_at and len(requested[key]) == 1:
                 assert now - failed_at[key] >= RETRY_AFTER, f"tick {tick}: {key} retried before the back-off"
-            if b > safe:
-                assert safe - have >= tip, f"tick {tick}: tip {key} requested with {safe - have} new final blocks"
-                tip_rerequests += have >= a
+            assert b <= safe, f"tick {tick}: open range {key} requested at safe head {safe}"
+            assert have < b, f"tick {tick}: {key} requested although stored to its end"
             run = create_run_for_test(instance, job_name=job, status=DagsterRunStatus.QUEUED, remote_job_origin=origin,
                                       tags={"dagster/partition": key})
             in_flight[key] = _SimRun(run, key, a, b, tick)
@@ -262,7 +259,7 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
         # its back-off was requested on this tick.
         for a, b in ranges_up_to(start, size, safe):
             key, have = range_key(a, b), stored.get(a, a - 1)
-            due = have < min(b, safe) and (b <= safe or safe - have >= tip)
+            due = b <= safe and have < b
             waiting = key in in_flight and tick not in requested[key]
             backing_off = key in failed_at and now - failed_at[key] < RETRY_AFTER
             if due and not waiting and not backing_off:
@@ -274,8 +271,8 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
         assert RETRY_AFTER <= retry - at < RETRY_AFTER + tick_every, key  # the first tick after the back-off
         assert len(requested[key]) == 2 and parse_range_key(key)[1] <= stored[parse_range_key(key)[0]]
     assert set(failed_at) == fail_once
-    assert tip_rerequests >= 3, "the open tip range was requested again as blocks became final"
+    assert all(len(ticks) == 1 for key, ticks in requested.items() if key not in fail_once), "one request a range"
     complete = [(a, b) for a, b in ranges_up_to(start, size, safe) if b <= safe]
     assert all(stored[a] == b for a, b in complete), "every complete range is stored to its end"
     a, b = ranges_up_to(start, size, safe)[-1]
-    assert b > safe and safe - stored.get(a, a - 1) < tip, "the tip holds what the interval allows"
+    assert b > safe and a not in stored, "the open range is left to the live service"

@@ -107,7 +107,7 @@ def test_an_ingested_range_gets_its_snapshot_requested_and_a_failed_check_holds_
     tick, requested = _tick(instance, tick)
     assert requested == {second}
 
-    # The open tip range is ingested again later: its snapshot follows again.
+    # A range ingested again (a repair, an operator rerun): its snapshot follows again.
     assert materialize([*ingestion_assets, *asset_checks], partition_key=first, instance=instance,
                        resources=resources).success
     tick, requested = _tick(instance, tick)

@@ -32,13 +32,15 @@ def devchain_deploy(rpc_url: str = typer.Option("http://127.0.0.1:8545"),
 def devchain_up(rpc_url: str = typer.Option("http://127.0.0.1:8545"),
                 config_out: Path = typer.Option(Path(".run/devchain.yaml")),
                 rate: float = typer.Option(5.0, min=0.1, help="orders per second"),
+                range_size: int = typer.Option(30, min=1, help="blocks per Dagster partition: a range runs once, "
+                                               "when final, so this bounds how far Postgres trails the chain"),
                 seed: int = typer.Option(7)) -> None:
     """Deploy, write the config, then simulate order flow until interrupted."""
     from orderbook_pipelines.devchain.deploy import deploy, project_config, wait_for_chain, write_config
     from orderbook_pipelines.devchain.simulator import Simulator
 
     dep = deploy(rpc_url, GEN1_MARKETS, GEN2_MARKETS)
-    write_config(project_config(dep), config_out)
+    write_config(project_config(dep, range_size=range_size), config_out)
     typer.echo(f"deployed; config at {config_out}; simulating {rate}/s (seed {seed})")
     sim = Simulator(wait_for_chain(rpc_url), dep, seed=seed)
     sim.run_forever(rate, report=lambda s: typer.echo(

@@ -119,7 +119,6 @@ def project_config(dep: Deployment, confirmations: int = 2, range_size: int = 10
             "finality": "depth",
             "confirmations": confirmations,
             "range_size": range_size,
-            "tip_interval_blocks": 10,
         },
         "sources": [
             {

@@ -1,11 +1,12 @@
 """Follows the safe (confirmed or finalized) head: adds block-range partitions and requests their runs.
 
-What to request is read from the truth, not from the sensor's memory: a range is requested while its checkpoint
-(storage/checkpoints.py, committed with its events and projections) does not cover it up to the safe head,
-unless a run of that partition is already queued or running, or failed moments ago. So a run killed mid-way
-is requested again, a queued range is never requested twice, and a Dagster backfill of the same partitions is
-not duplicated. The open tip range runs again once `tip_interval_blocks` more blocks are final beyond what
-is stored. The live process, not Dagster, owns the unconfirmed tip.
+What to request is read from the truth, not from the sensor's memory: a range is requested once all its blocks
+are final and while its checkpoint (storage/checkpoints.py, committed with its events and projections) does not
+cover it, unless a run of that partition is already queued or running, or failed moments ago. So a range is
+materialized once, when it becomes final; a run killed mid-way is requested again; a queued range is never
+requested twice; and a Dagster backfill of the same partitions is not duplicated. An open range is never run:
+`range_size` bounds how far Postgres trails the chain (the dev chain uses 30 one-second blocks), and the live
+process, not Dagster, owns the tip.
 """
 
 from collections.abc import Mapping
@@ -40,8 +41,8 @@ def chain_head_sensor(context: dg.SensorEvaluationContext, settings: SettingsRes
         return dg.SkipReason(f"cannot read the chain head: {exc}")
     with postgres.engine().connect() as conn:
         stored = {c.range_start: c.processed_to for c in checkpoints.all_ranges(conn, cfg.chain.chain_id)}
-    return plan_tick(context, cfg.chain.start_block, cfg.chain.range_size, cfg.chain.tip_interval_blocks, safe,
-                     stored, busy_partitions(context.instance, ingest_job.name))
+    return plan_tick(context, cfg.chain.start_block, cfg.chain.range_size, safe, stored,
+                     busy_partitions(context.instance, ingest_job.name))
 
 
 def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None) -> set[str]:
@@ -53,23 +54,21 @@ def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime |
     return {key for r in (*busy, *failed) if (key := r.dagster_run.tags.get(PARTITION_TAG))}
 
 
-def plan_tick(context: dg.SensorEvaluationContext, start_block: int, range_size: int, tip_interval: int,
-              safe: int, stored: Mapping[int, int], busy: set[str]) -> dg.SensorResult | dg.SkipReason:
+def plan_tick(context: dg.SensorEvaluationContext, start_block: int, range_size: int, safe: int,
+              stored: Mapping[int, int], busy: set[str]) -> dg.SensorResult | dg.SkipReason:
     """`stored`: range_start -> processed_to of the checkpoints; `busy`: partitions not to request now."""
-    ranges = ranges_up_to(start_block, range_size, safe)
+    ranges = [(a, b) for a, b in ranges_up_to(start_block, range_size, safe) if b <= safe]
     if not ranges:
-        return dg.SkipReason(f"safe head {safe} is below the start block {start_block}")
+        return dg.SkipReason(f"no block range is final yet: safe head {safe}, first range from {start_block} "
+                             f"has {range_size} blocks")
     keys = [range_key(a, b) for a, b in ranges]
     existing = set(context.instance.get_dynamic_partitions(BLOCK_RANGES))
     new_keys = [k for k in keys if k not in existing]
 
     requests: list[dg.RunRequest] = []
     for (a, b), key in zip(ranges, keys, strict=True):
-        have, target = stored.get(a, a - 1), min(b, safe)
-        if have >= target or key in busy:
+        if stored.get(a, a - 1) >= b or key in busy:
             continue
-        if b > safe and target - max(have, a - 1) < tip_interval:
-            continue  # the open tip range: wait until tip_interval more blocks are final beyond what is stored
         requests.append(dg.RunRequest(partition_key=key, tags={"obp/range": key, "obp/safe_head": str(safe)}))
         if len(requests) >= MAX_RUNS_PER_TICK:
             break
