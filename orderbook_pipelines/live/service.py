@@ -433,13 +433,18 @@ class LiveService:
         ], lifespan=lifespan, middleware=[Middleware(RequestLog)])
 
 
+WS_READ_LIMIT_BYTES = 2 * 1024 * 1024  # transient, per frame being read; messages are limited far lower
+
+
 def server_settings(service: LiveService, host: str, port: int, **overrides: Any) -> dict[str, Any]:
     """uvicorn settings of the live service in production (the CLI, the benchmarks and the tests use them)."""
     from orderbook_pipelines.live.http_guard import HeaderDeadlineProtocol  # slow-loris: 10 s for headers
 
     return {
         "host": host, "port": port, "log_level": "warning", "access_log": False,
-        "ws_max_size": service.hub.limits.max_message_bytes * 4,
+        # Frames up to this size reach the protocol, which answers an oversized message with the documented
+        # `message_too_large` error before closing (1009); only larger ones are cut by the server library alone.
+        "ws_max_size": max(service.hub.limits.max_message_bytes * 4, WS_READ_LIMIT_BYTES),
         "ws_per_message_deflate": False,  # would compress every shared delta once per subscriber
         "ws_ping_interval": 20, "ws_ping_timeout": 20, "timeout_keep_alive": 5,
         "http": HeaderDeadlineProtocol, "loop": "uvloop",  # httptools parser (the subclass) and uvloop, never h11
