@@ -1,8 +1,9 @@
 """Redis tier: write-through per-market top-N depth and per-user open orders, and per-market update streams.
 
-Keys (documented in docs/websocket-protocol.md): `obp:depth:<market>` (JSON: seq, block, bids, asks, top 100),
-`obp:orders:<trader>` (hash: "<contract>:<order_id>" -> JSON of the open order; removed when it closes), and
-the pub/sub channel `obp:updates:<market>` carrying the same JSON as the depth key, once per change.
+Keys (documented in docs/websocket-protocol.md), under the prefix `obp:<chain id>:<deployment id>:` (cli/live.py):
+`depth:<market>` (JSON: seq, block, bids, asks, top 100), `orders:<trader>` (hash: "<contract>:<order_id>" -> JSON
+of the open order; removed when it closes), and the pub/sub channel `updates:<market>` carrying the same JSON as
+the depth key, once per change.
 """
 
 from __future__ import annotations

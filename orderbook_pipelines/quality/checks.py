@@ -9,6 +9,7 @@ asset checks (assets/checks.py) block downstream assets on a failed range.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,21 @@ BOOK_CHECK = "book_equals_chain"
 INVARIANTS_CHECK = "order_invariants"
 OPEN_STATUS = 1  # getOrder status of a resting order, in every known generation (1 open, 2 filled, 3 cancelled)
 _QTY_OUTPUTS = ("quantity", "size")
+# How nodes say they keep no state at a past block: anvil --prune-history (make run's dev chain), geth/erigon/reth
+# beyond their state window. A book check there cannot be evaluated; it is not a difference.
+_STATE_PRUNED = re.compile(r"BlockOutOfRange|missing trie node|historical state|state (is )?not available|"
+                           r"state histor|pruned", re.I)
+
+
+def state_unavailable(chain: ChainClient, block: int) -> str | None:
+    """None if the node can run calls at `block`; else its answer (past state pruned)."""
+    try:
+        chain.call("eth_getBalance", ["0x" + "00" * 20, hex(block)])
+        return None
+    except RpcError as exc:
+        if _STATE_PRUNED.search(str(exc)):
+            return str(exc)
+        raise
 
 
 @dataclass
@@ -188,6 +204,10 @@ def check_books(config: ProjectConfig, chain: ChainClient, engine: Engine, start
         gap = checkpoints.history_gap(conn, cid, config.chain.start_block, block)
         if gap:
             report.skipped = f"cannot rebuild books at block {block}: {gap}"
+            return report
+        pruned = state_unavailable(chain, block)
+        if pruned is not None:
+            report.skipped = f"the node keeps no state at block {block} (pruned history): {pruned[:200]}"
             return report
         views = _views_by_source(config, chain)
         markets = sample_markets(conn, config, views, start, end, rc.check_markets_per_run)
