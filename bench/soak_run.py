@@ -38,6 +38,7 @@ from typing import Any
 
 from bench.common import Report, log
 from orderbook_pipelines.config import PROJECT_ROOT
+from orderbook_pipelines.devchain.procs import rss_mib
 
 IN_PROGRESS = ("STARTING", "STARTED", "CANCELING")
 QUEUED = ("QUEUED", "NOT_STARTED")
@@ -58,16 +59,6 @@ def _procs() -> dict[int, tuple[int, list[str]]]:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         out[int(d)] = (ppid, [a.decode(errors="replace") for a in argv if a])
     return out
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _tree(root: int, procs: dict[int, tuple[int, list[str]]]) -> list[int]:
@@ -264,7 +255,7 @@ def main() -> None:
             "head": head, "frontier": front,
             "chain_lag_blocks": head - front if head is not None and front is not None else None,
             "live": live_health(live_port), "runs": dagster_runs(dagster_db_url),
-            "rss_mib": {part: round(sum(rss_mib(p) for p in ps), 1) for part, ps in pids.items()},
+            "rss_mib": {part: round(sum(rss_mib(p) or 0.0 for p in ps), 1) for part, ps in pids.items()},
             "processes": {part: len(ps) for part, ps in pids.items()},
             "terminal_lines": term.lines - lines_before,
         }

@@ -351,14 +351,7 @@ signal.signal(signal.SIGTERM, on_stop)
 signal.signal(signal.SIGHUP, on_stop)
 
 
-def rss_mib(pid):
-    try:
-        for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if ln.startswith("VmRSS:"):
-                return int(ln.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from orderbook_pipelines.devchain.procs import rss_mib  # noqa: E402  (the venv's python runs this)
 
 
 def status_loop():

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +21,7 @@ from sqlalchemy import text
 
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import load_config
-from orderbook_pipelines.devchain.anvil import ANVIL, free_port
-from orderbook_pipelines.devchain.deploy import wait_for_chain
+from orderbook_pipelines.devchain.anvil import free_port
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import ranges_up_to
@@ -143,23 +141,6 @@ def test_node_address_names_host_and_port_only() -> None:
     assert "secret" not in why and "k3y" not in why
 
 
-class _AnvilOn:
-    """anvil on a given port (Anvil picks its own): the node that was down comes up where it is expected."""
-
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([ANVIL, "--port", str(port), "--silent", "--chain-id", "31337"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.w3 = wait_for_chain(self.url, timeout_s=30)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def test_service_answers_health_while_the_node_is_down_and_becomes_ready_when_it_answers(
         database: str, tmp_path: Path) -> None:
     port = free_port()  # nothing listens here yet
@@ -188,7 +169,7 @@ def test_service_answers_health_while_the_node_is_down_and_becomes_ready_when_it
         # still retrying in the background, not given up
         _eventually(lambda: service.start_attempts, lambda n: n >= 3, 30, "start attempts")
         try:
-            node = _AnvilOn(port)
+            node = Anvil(port=port)  # the node that was down comes up where it is expected
             _eventually(lambda: httpx.get(f"{base}/ready", timeout=5).status_code, lambda s: s == 200, 60,
                         "/ready after the node came up")
             h = httpx.get(f"{base}/health", timeout=5).json()

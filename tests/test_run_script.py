@@ -244,7 +244,7 @@ def test_the_dev_chain_keeps_logs_and_headers_for_its_window_and_no_past_state()
             return chain.rpc("eth_getLogs", {"fromBlock": hex(b), "toBlock": hex(b)})
 
         assert len(logs()) == 1
-        chain.mine(3)
+        chain.mine(10)
         with pytest.raises(RuntimeError, match="BlockOutOfRange"):  # no state of past blocks: eth_call at the head
             chain.rpc("eth_getBalance", sender, hex(b))
         assert int(chain.rpc("eth_getBalance", sender, "latest"), 16) > 0

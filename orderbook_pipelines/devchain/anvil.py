@@ -26,10 +26,11 @@ def free_port() -> int:
 
 class Anvil:
     def __init__(self, accounts: int = 20, gas_limit: int = 100_000_000, chain_id: int = 31337,
-                 extra: list[str] | None = None, rpc_timeout_s: float = 10.0) -> None:
+                 extra: list[str] | None = None, rpc_timeout_s: float = 10.0, port: int | None = None) -> None:
+        """`port`: where a node is expected (a test brings a dead node's port to life); default a free one."""
         if not (Path(ANVIL).exists() or shutil.which(ANVIL)):
             raise RuntimeError(f"anvil not found at {ANVIL}: run `make setup` (installs it from npm)")
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [ANVIL, "--port", str(self.port), "--silent", "--accounts", str(accounts), "--gas-limit", str(gas_limit),
