@@ -290,13 +290,15 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
     cid = config.chain.chain_id
     head = chain.block_number()
     with engine.connect() as conn:
+        stored = checkpoints.all_ranges(conn, cid)  # read once: the walk back below steps through it
         scope = checkpoints.in_scope(conn, cid, start, end,
-                                     None if start is not None or end is not None else lookback)
+                                     None if start is not None or end is not None else lookback, stored)
         reader = EventReader.load(conn, config, sync_markets=False)
         diffs = [diff_range(config, chain, conn, cp, head, reader) for cp in scope]
         # A fork that began before the scope: walk back until a range's last block agrees with the chain.
         while scope:
-            prev = checkpoints.previous(conn, cid, scope[0])
+            before = [c for c in stored if c.range_start < scope[0].range_start]
+            prev = before[-1] if before else None
             if prev is None or not _block_diffs(conn, chain, cid, prev.processed_to, prev.processed_to, head):
                 break
             scope.insert(0, prev)

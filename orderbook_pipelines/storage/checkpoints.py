@@ -105,16 +105,10 @@ def history_gap(conn: Connection, chain_id: int, start_block: int, block: int) -
 
 
 def in_scope(conn: Connection, chain_id: int, start: int | None = None, end: int | None = None,
-             last: int | None = None) -> list[Checkpoint]:
-    """Stored ranges overlapping [start, end], or the `last` N ranges; ascending."""
-    ranges = all_ranges(conn, chain_id)
+             last: int | None = None, stored: list[Checkpoint] | None = None) -> list[Checkpoint]:
+    """Stored ranges overlapping [start, end], or the `last` N ranges; ascending (`stored`: already read)."""
+    ranges = all_ranges(conn, chain_id) if stored is None else stored
     if start is not None or end is not None:
         lo, hi = start if start is not None else 0, end if end is not None else 2**62
         return [c for c in ranges if c.range_end >= lo and c.range_start <= hi]
     return ranges[-(last or 1):]
-
-
-def previous(conn: Connection, chain_id: int, cp: Checkpoint) -> Checkpoint | None:
-    """The stored range just before `cp` (reconciliation walks back to a fork's start)."""
-    before = [c for c in all_ranges(conn, chain_id) if c.range_start < cp.range_start]
-    return before[-1] if before else None
