@@ -147,6 +147,44 @@ def dagster_runs(dagster_db_url: str) -> dict[str, int] | None:
             "canceled": rows.get("CANCELED", 0)}
 
 
+def dagster_health(dagster_db_url: str) -> dict[str, int] | None:
+    """Asset checks that stay planned (a run that never reports them), and how often a block range was materialized.
+
+    A check "in progress" in the UI is a PLANNED execution; one older than 5 minutes is stuck. A range is meant to be
+    materialized once: `most_materializations_per_range` is the largest count of one partition of `order_events`.
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(dagster_db_url, connect_timeout=5) as conn:
+            stuck = conn.execute(
+                "SELECT count(*) FROM asset_check_executions WHERE execution_status = 'PLANNED'"
+                " AND create_timestamp < now() AT TIME ZONE 'UTC' - interval '5 minutes'").fetchone()
+            most = conn.execute(
+                "SELECT coalesce(max(n), 0), count(*) FROM (SELECT partition, count(*) AS n FROM event_logs"
+                " WHERE dagster_event_type = 'ASSET_MATERIALIZATION' AND asset_key LIKE '%order_events%'"
+                " GROUP BY partition) p").fetchone()
+    except Exception:
+        return None
+    return {"checks_stuck_planned": int(stuck[0]) if stuck else 0,
+            "most_materializations_per_range": int(most[0]) if most else 0,
+            "ranges_materialized": int(most[1]) if most else 0}
+
+
+def depth_snapshots(database_url: str) -> int | None:
+    from orderbook_pipelines.storage.db import engine_for
+
+    try:
+        engine = engine_for(database_url)
+        try:
+            with engine.connect() as conn:
+                return int(conn.exec_driver_sql("SELECT count(*) FROM depth_snapshots").scalar_one())
+        finally:
+            engine.dispose()
+    except Exception:
+        return None
+
+
 def frontier(database_url: str, config_path: Path) -> int | None:
     from orderbook_pipelines.config import load_config
     from orderbook_pipelines.storage import checkpoints
@@ -255,6 +293,7 @@ def main() -> None:
             "head": head, "frontier": front,
             "chain_lag_blocks": head - front if head is not None and front is not None else None,
             "live": live_health(live_port), "runs": dagster_runs(dagster_db_url),
+            "dagster": dagster_health(dagster_db_url), "depth_snapshots": depth_snapshots(database_url),
             "rss_mib": {part: round(sum(rss_mib(p) or 0.0 for p in ps), 1) for part, ps in pids.items()},
             "processes": {part: len(ps) for part, ps in pids.items()},
             "terminal_lines": term.lines - lines_before,
@@ -311,6 +350,15 @@ def main() -> None:
         rep.figure("dagster_runs_failed", runs[-1]["failed"], "runs", **params)
         rep.figure("dagster_runs_queued_max", max(r["queued"] for r in runs), "runs", **params)
         rep.figure("dagster_runs_in_progress_max", max(r["in_progress"] for r in runs), "runs", **params)
+    health = [s["dagster"] for s in samples if s["dagster"]]
+    if health:
+        rep.figure("checks_stuck_planned_max", max(h["checks_stuck_planned"] for h in health), "checks", **params)
+        rep.figure("most_materializations_per_range", health[-1]["most_materializations_per_range"], "runs",
+                   **params)
+        rep.figure("ranges_materialized", health[-1]["ranges_materialized"], "ranges", **params)
+    snaps = [s["depth_snapshots"] for s in samples if s["depth_snapshots"] is not None]
+    if snaps:
+        rep.figure("depth_snapshots_end", snaps[-1], "rows", **params)
     per_min = [s["terminal_lines"] / (args.interval / 60) for s in samples[1:]] or [0]
     rep.figure("terminal_lines_per_min_median", statistics.median(per_min), "lines/min", **params)
     if stop:
@@ -319,7 +367,8 @@ def main() -> None:
         rep.figure("stop_tracebacks_on_terminal", stop["tracebacks"], "lines", **params)
         rep.figure("stop_failed_runs_added", stop["failed_runs_added"], "runs", **params)
     rep.table(f"make run soak, {minutes:g} min (ports {args.ports})")
-    print("  minute   head   lag  live-lag  runs q/run/ok/fail/cxl  RSS MiB anvil/dagster/live/sim  terminal lines")
+    print("  minute   head   lag  live-lag  runs q/run/ok/fail/cxl  RSS MiB anvil/dagster/live/sim  terminal lines"
+          "  snapshots")
     for s in samples:
         r, rs = s["runs"] or {}, s["rss_mib"]
         lag = "-" if s["chain_lag_blocks"] is None else s["chain_lag_blocks"]
@@ -327,7 +376,7 @@ def main() -> None:
         runs_txt = "/".join(str(r.get(k, "-")) for k in ("queued", "in_progress", "succeeded", "failed", "canceled"))
         rss_txt = "/".join(f"{rs.get(k, 0):.0f}" for k in ("anvil", "dagster", "live", "sim"))
         print(f"  {s['minute']:>6g} {s['head'] or 0:>6} {lag:>5} {live_lag:>9}  {runs_txt:<22} {rss_txt:<31}"
-              f" {s['terminal_lines']:>6}", flush=True)
+              f" {s['terminal_lines']:>6}  {s['depth_snapshots']}", flush=True)
     if re.search(r"Error \d+", "".join(term.text[-5:])):
         log("make reported an error at the end: see " + str(term.path))
     sys.stdout.flush()
