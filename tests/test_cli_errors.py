@@ -122,3 +122,23 @@ def test_ctrl_c_while_blocked_on_a_silent_node_exits_130_in_one_line(tmp_path: P
     assert proc.returncode == INTERRUPTED, err
     assert err.splitlines() == ["orderbook ingest: interrupted"]
     assert out == ""
+
+
+@pytest.mark.parametrize("command", ["deploy", "up"])
+def test_devchain_against_a_closed_port_gives_up_within_its_wait_naming_the_node(tmp_path: Path,
+                                                                                 command: str) -> None:
+    """`make run` passes a long wait (its chain starts alongside); typed by hand, a wrong URL is known in seconds."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ}
+    env.pop("OBP_CONFIG", None)
+    proc, seconds = _run({**env, "OBP_CONFIG": ""},
+                         [ORDERBOOK, "devchain", command, "--rpc-url", url, "--wait", "4",
+                          "--config-out", str(tmp_path / "dev.yaml")])
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == NODE_UNAVAILABLE, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith(f"orderbook devchain: no chain answered at {url} within 4 s")
+    assert lines[-1].endswith("last error: ConnectionError (connection refused)")
+    assert any(line.startswith(f"waiting for a chain at {url} (") for line in lines[:-1])  # progress while waiting
+    assert seconds < 45  # the wait plus the interpreter's start on a loaded machine; the old fixed wait was 60 s
+    assert not (tmp_path / "dev.yaml").exists()

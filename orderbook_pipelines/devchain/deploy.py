@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -29,16 +30,40 @@ def artifact(name: str) -> dict[str, Any]:
     return json.loads((ARTIFACTS / f"{name}.json").read_text())
 
 
-def wait_for_chain(rpc_url: str, timeout_s: float = 60.0) -> Web3:
-    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": 10}))
-    deadline = time.monotonic() + timeout_s
+def _reason(exc: Exception) -> str:
+    """The transport error in a few words (requests nests the useful part three exceptions deep)."""
+    text = str(exc)
+    if "Connection refused" in text or "NewConnectionError" in text:
+        return f"{type(exc).__name__} (connection refused)"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:120] if text else ''}"
+
+
+class ChainUnavailable(RuntimeError):
+    """No node answered at the URL within the wait: names the URL, the wait and the last error."""
+
+
+def wait_for_chain(rpc_url: str, timeout_s: float = 60.0,
+                   progress: Callable[[str], None] | None = None) -> Web3:
+    """A Web3 on a node that answers; waits because `make run` starts the chain and its users together.
+
+    `progress` hears a line about every 3 s while waiting, so a wrong URL is seen long before the wait ends.
+    """
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": min(10.0, max(1.0, timeout_s))}))
+    start = time.monotonic()
+    next_note = start + 3.0
     while True:
         try:
             w3.eth.block_number  # noqa: B018 - probe
             return w3
         except Exception as exc:  # any transport failure means "not up yet"
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no chain answered at {rpc_url} within {timeout_s:.0f}s: {exc}") from exc
+            now = time.monotonic()
+            if now - start >= timeout_s:
+                raise ChainUnavailable(f"no chain answered at {rpc_url} within {timeout_s:.0f} s "
+                                       f"(eth_blockNumber every 0.25 s); last error: {_reason(exc)}") from exc
+            if progress is not None and now >= next_note:
+                progress(f"waiting for a chain at {rpc_url} ({now - start:.0f} s of {timeout_s:.0f} s): "
+                         f"{type(exc).__name__}")
+                next_note = now + 3.0
             time.sleep(0.25)
 
 
@@ -69,8 +94,9 @@ class Deployment:
     gen2_books: dict[str, str] = field(default_factory=dict)
 
 
-def deploy(rpc_url: str, gen1_markets: list[str], gen2_markets: list[str]) -> Deployment:
-    w3 = wait_for_chain(rpc_url)
+def deploy(rpc_url: str, gen1_markets: list[str], gen2_markets: list[str], wait_s: float = 60.0,
+           progress: Callable[[str], None] | None = None) -> Deployment:
+    w3 = wait_for_chain(rpc_url, wait_s, progress)
     owner = w3.eth.accounts[0]
     start = w3.eth.block_number + 1
     router = deploy_contract(w3, owner, "OrderRouter")
