@@ -14,10 +14,17 @@ from orderbook_pipelines.assets.reconciliation import chain_reconciliation
 from orderbook_pipelines.assets.snapshots import depth_snapshots
 from orderbook_pipelines.partitions import block_ranges
 
+# Run tags the instance's queue reads (`dagster/priority`: higher leaves the queue first) and its per-tag run limits
+# key on (`obp/kind`; the dev instance, scripts/run.sh, allows one analytics run at a time: the embedded DuckDB file
+# has one writer, and a run waiting for its lock would hold a run slot that the chain's ranges need).
+KIND = "obp/kind"
+PRIORITY = "dagster/priority"
+
 ingest_job = dg.define_asset_job(
     "ingest_block_range",
     selection=dg.AssetSelection.groups(INGESTION_GROUP),
     description="Fetch, decode and store one block range with its orders, trades and positions (one commit).",
+    tags={KIND: "ingestion", PRIORITY: "10"},
 )
 
 snapshot_job = dg.define_asset_job(
@@ -31,6 +38,7 @@ reconcile_job = dg.define_asset_job(
     "reconcile_chain",
     selection=[chain_reconciliation],
     description="Re-check recent finalized ranges against the chain and repair what differs (see run config).",
+    tags={KIND: "reconciliation", PRIORITY: "5"},
 )
 
 check_job = dg.define_asset_job(
@@ -42,7 +50,8 @@ check_job = dg.define_asset_job(
 
 analytics_job = dg.define_asset_job(
     "analytics_market", selection=dg.AssetSelection.groups(ANALYTICS_GROUP),
-    description="Rebuild one market's analytics rows (idempotent).")
+    description="Rebuild one market's analytics rows (idempotent).",
+    tags={KIND: "analytics", PRIORITY: "-10"})
 
 
 # -- housekeeping: Dagster's event-log storage grows ~50 KB per run and has no retention of its own ----------------
