@@ -263,7 +263,10 @@ def main() -> None:
         log(f"make run on ports {args.ports} (terminal in {term.path.relative_to(PROJECT_ROOT)}) ...")
         make = subprocess.Popen(["make", "run"], cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True,
+                                # as from a terminal: started in the background, SIGINT is inherited ignored, and a
+                                # shell cannot trap a signal ignored on entry (the stop below would not reach it)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         threading.Thread(target=term.pump, args=(make.stdout,), daemon=True).start()
         deadline = time.monotonic() + 600
         while chain_head(anvil_port) is None or not config_path.exists():
