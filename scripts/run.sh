@@ -582,6 +582,9 @@ export OBP_CONFIG="$ROOT/.run/devchain.yaml"
 export OBP_RPC_URL="http://127.0.0.1:$OBP_ANVIL_PORT"
 export DAGSTER_HOME="$ROOT/.run/dagster_home"
 export OBP_RUN_DIR="$ROOT/.run"
+# Dagster's calls to its code server time out after 60 s; on a 2-core machine that is also running a test suite,
+# loading the definitions for a run launch took longer, and the daemon gave up on the run (marked failed).
+export DAGSTER_GRPC_TIMEOUT_SECONDS="${DAGSTER_GRPC_TIMEOUT_SECONDS:-180}"
 
 # ---------------------------------------------------------- databases ----
 # The dev chain starts empty on every run, so its databases do too: stored hashes of the previous chain would
