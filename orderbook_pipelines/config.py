@@ -216,8 +216,23 @@ class Reconciliation(Strict):
     check_orders_per_run: int = Field(default=200, ge=0)
 
 
+class Pusher(Strict):
+    """The live service's Pusher Channels endpoint (docs/pusher-compat.md): what today's frontend needs to connect
+    with only its host settings changed. The app secret is a secret, so it comes from the environment only."""
+
+    app_key: str = Field(default="obp-dev", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description=(
+        "Key in the endpoint path /app/{key}; OBP_PUSHER_KEY overrides it."))
+    private_user_channels: bool = Field(default=False, description=(
+        "Refuse public user-{trader} channels: a trader's orders only on private-user-{trader}, which needs a "
+        "signature made with OBP_PUSHER_SECRET."))
+    activity_timeout_s: int = Field(default=30, ge=1, le=600, description=(
+        "Announced in pusher:connection_established: a client pings after this long without a message."))
+    price_levels: int = Field(default=50, ge=1, le=100, description="Levels per side in a price-update.")
+
+
 class ProjectConfig(Strict):
     chain: Chain = Chain()
+    pusher: Pusher = Pusher()
     sources: list[Source]
     markets: list[Market] = []
     order_events_partition_blocks: int = Field(default=1_000_000, ge=1000)
@@ -284,6 +299,9 @@ class EnvSettings(BaseSettings):
         validation_alias="DATABASE_URL",
     )
     rpc_url: str | None = None
+    pusher_key: str | None = None  # OBP_PUSHER_KEY: overrides pusher.app_key
+    pusher_secret: str | None = None  # OBP_PUSHER_SECRET: signs private channels; unset = no private channels
+    pusher_auth_token: str | None = None  # OBP_PUSHER_AUTH_TOKEN: bearer token of POST /pusher/auth; unset = off
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -333,4 +351,8 @@ def load_config(path: Path | str | None = None, env: EnvSettings | None = None) 
         chain = raw.get("chain", {})
         if isinstance(chain, dict):  # anything else is reported by validation below
             raw["chain"] = {**chain, "rpc_url": env.rpc_url}
+    if isinstance(raw, dict) and env.pusher_key:
+        pusher = raw.get("pusher", {})
+        if isinstance(pusher, dict):
+            raw["pusher"] = {**pusher, "app_key": env.pusher_key}
     return parse_config(raw, str(path), path.parent)

@@ -25,7 +25,8 @@ from structlog.contextvars import bound_contextvars
 from structlog.types import EventDict, WrappedLogger
 
 # Variables that may carry a secret; each may instead be given as `<NAME>_FILE` (a path to read it from).
-SECRET_ENV = ("DATABASE_URL", "REDIS_URL", "OBP_RPC_URL", "OBP_ADMIN_TOKEN", "DAGSTER_PG_PASSWORD", "PGPASSWORD")
+SECRET_ENV = ("DATABASE_URL", "REDIS_URL", "OBP_RPC_URL", "OBP_ADMIN_TOKEN", "DAGSTER_PG_PASSWORD", "PGPASSWORD",
+              "OBP_PUSHER_SECRET", "OBP_PUSHER_AUTH_TOKEN")
 REDACTED = "***"
 
 _SECRET_KEYS = re.compile(r"(^|[_\-])(password|passwd|pwd|secret|token|api[_\-]?key|apikey|authorization|cookie|"

@@ -45,11 +45,16 @@ _UTC_MIN = datetime.min.replace(tzinfo=UTC)
 _UTC_MAX = datetime.max.replace(tzinfo=UTC)
 STATUSES = {"open", "partially_filled", "filled", "cancelled"}
 STATUS_GROUPS = {"active": ("open", "partially_filled"), "history": ("filled", "cancelled")}
+# /api/compat/orders (today's orders API shape): `type` -> statuses; `market` is a market's open orders, all traders
+COMPAT_TYPES = {**STATUS_GROUPS, "market": STATUS_GROUPS["active"]}
+MAX_OFFSET = 10_000  # offset pages cost O(offset); deeper history pages with /api/orders' cursor
+COMPAT_DEPTH_LEVELS = 20
 _TRADER = re.compile(r"0x[0-9a-fA-F]{40}")  # fullmatch: `$` would let a trailing newline through
 _KNOWN = {
     "/api/depth": {"market", "levels"},
     "/api/trades": {"market", "limit", "cursor", "since", "until"},
     "/api/orders": {"trader", "market", "status", "limit", "cursor"},
+    "/api/compat/orders": {"trader", "metricId", "limit", "offset", "type"},
     "/api/markets/summary": set(),
 }
 
@@ -321,6 +326,58 @@ class Api:
              "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "created_block": r[0],
              "updated_block": r[12]} for r in page], "next_cursor": nxt, "as_of": self._as_of(ingested)})
 
+    async def compat_orders(self, request: Request) -> Response:
+        """Today's `/api/orders` shape for the frontend's migration (docs/pusher-compat.md): offset pages with a
+        total, the market's live depth next to its orders, camelCase fields; same caps and 400s as /api/orders."""
+        q = self._query(request)
+        trader = q.get("trader")
+        if trader is not None and not _TRADER.fullmatch(trader):
+            raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
+        kind = q.get("type")
+        if kind is not None and kind not in COMPAT_TYPES:
+            raise BadRequest("type", f"type must be one of {sorted(COMPAT_TYPES)}")
+        name = q.get("metricId")
+        m = self.hub.by_name.get(name) if name is not None else None
+        if name is not None and (m is None or m not in self.hub.publishable):
+            raise BadRequest("metricId", f"unknown market {name!r}", 404, "unknown_market")
+        if kind == "market" and (m is None or trader is not None):
+            raise BadRequest("metricId" if m is None else "trader",
+                             "type=market lists one market's open orders of every trader: give metricId, not trader")
+        if trader is None and m is None:
+            raise BadRequest("trader", "trader or metricId is required")
+        limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = _int(q, "offset", 0, 0, MAX_OFFSET)
+        where = ("o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
+                 "AND (CAST(:m AS integer) IS NULL OR o.market_id = :m) "
+                 "AND (CAST(:st AS text[]) IS NULL OR o.status = ANY(:st))")
+        params = {"pub": sorted(self.hub.publishable), "t": trader.lower() if trader else None, "m": m,
+                  "st": list(COMPAT_TYPES[kind]) if kind else None, "lim": limit, "off": offset}
+        ingested = await self.ingested()
+        rows, total = await run_in_threadpool(self._page_and_total, (
+            "SELECT o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
+            f"o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block FROM orders o WHERE {where} "
+            "ORDER BY o.created_block DESC, o.created_log DESC, o.order_id LIMIT :lim OFFSET :off"),
+            f"SELECT count(*) FROM orders o WHERE {where}", params)
+        names = self.hub.names
+        return JSON({"orders": [
+            {"orderId": r[3], "metricId": names.get(r[2]), "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
+             "orderType": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
+             "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "createdBlock": r[0],
+             "updatedBlock": r[12]} for r in rows],
+            "marketDepth": self._compat_depth(m) if m is not None else None,
+            "pagination": {"limit": limit, "offset": offset, "total": total, "hasMore": offset + len(rows) < total},
+            "as_of": self._as_of(ingested)})
+
+    def _compat_depth(self, m: int) -> dict[str, Any] | None:
+        v = self.hub.views.get(m)
+        if v is None:
+            return None
+        bids, asks = v.bids[:COMPAT_DEPTH_LEVELS], v.asks[:COMPAT_DEPTH_LEVELS]
+        return {"metricId": self.hub.names.get(m), "seq": v.seq, "block": {"number": v.block_number,
+                                                                           "hash": v.block_hash},
+                "bids": [[str(p), str(q)] for p, q in bids], "asks": [[str(p), str(q)] for p, q in asks],
+                "bestBid": _s(bids[0][0] if bids else None), "bestAsk": _s(asks[0][0] if asks else None)}
+
     async def summary(self, request: Request) -> Response:
         self._query(request)
         hub = self.hub
@@ -386,6 +443,12 @@ class Api:
     def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(text(sql), params)]
+
+    def _page_and_total(self, sql: str, count_sql: str, params: dict[str, Any]) -> tuple[list[tuple], int]:
+        """A page and the total it belongs to, from one snapshot (total and hasMore agree with the page)."""
+        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+            rows = [tuple(r) for r in conn.execute(text(sql), params)]
+            return rows, int(conn.execute(text(count_sql), params).scalar_one())
 
 
 def _s(v: Any) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,15 +116,20 @@ class Conn:
         dropped = self.queue.qsize()
         _drain(self.queue)
         metrics.MESSAGES_DROPPED.inc(dropped)
-        if len(self.conflations) > self.limits.max_conflations or len(self.books) > self.limits.queue_size:
+        fresh = self.resync_messages()
+        if len(self.conflations) > self.limits.max_conflations or len(fresh) > self.limits.queue_size:
             # (a resync that cannot fit in the queue would overflow it again: the client cannot be caught up)
             metrics.SLOW_CONSUMER_DISCONNECTS.inc()
             self.close(4008, "slow_consumer", f"disconnected: the send queue overflowed {len(self.conflations)} "
                                               f"times in {self.limits.conflation_window_s:.0f}s")
             return
         metrics.CONFLATIONS.inc()
-        for key in sorted(self.books):
-            self.queue.put_nowait(self.hub.channels[key].snapshot(resync=True))
+        for text in fresh:
+            self.queue.put_nowait(text)
+
+    def resync_messages(self) -> list[str]:
+        """What replaces a dropped backlog: a fresh snapshot per book subscription (other protocols override)."""
+        return [self.hub.channels[key].snapshot(resync=True) for key in sorted(self.books)]
 
 
 def _nbytes(text: str) -> int:
@@ -216,6 +222,7 @@ class Hub:
         self.connections: dict[str, int] = defaultdict(int)
         self.publish_latency: deque[float] = deque(maxlen=10_000)
         self.version = 0  # bumped on every change of views, names or pauses: the REST response caches' key
+        self.listeners: list[Callable[[Update], None]] = []  # other protocols' fan-out (live/pusher_channels.py)
 
     # -- registry / control ---------------------------------------------------------------------------------
     def set_markets(self, names: dict[int, str], publishable: set[int]) -> None:
@@ -261,6 +268,8 @@ class Hub:
         if update.block_seen_at:
             self.publish_latency.append(time.perf_counter() - update.block_seen_at)
         self._publish_rows(update)
+        for listener in self.listeners:
+            listener(update)
 
     def _flush(self, ch: BookChannel) -> None:
         if not ch.subscribers:  # nobody to tell: keep the channel at the current view
@@ -283,7 +292,7 @@ class Hub:
                 self._flush(ch)
 
     def _publish_rows(self, update: Update) -> None:
-        if update.reason == "reorg" and update.reverted_from is not None:
+        if update.reverted_from is not None:  # a rollback, or a rebuild after a deeper reorg
             text = dumps({"type": "reverted", "from_block": update.reverted_from,
                           "message": "a reorg removed blocks from this number on; their trades/orders are void"})
             for subs in (*self.trade_subs.values(), *self.order_subs.values()):

@@ -107,6 +107,47 @@ SPEC: dict[str, Any] = {
             "responses": {"200": _ok({"orders": {"type": "array"}, "next_cursor": _STR_OR_NULL,
                                       "as_of": _ref("AsOf")}, ["orders", "next_cursor", "as_of"]),
                           "400": _ERR, "404": _ERR, "503": _STARTING}}},
+        "/api/compat/orders": {"get": {
+            "summary": "Today's orders API shape, for the frontend's migration (docs/pusher-compat.md): offset pages "
+                       "with a total, the market's live depth (marketDepth) next to its orders, camelCase fields. "
+                       "Same page cap and 400s as /api/orders; the cursor route stays the one for deep history "
+                       "(offset is capped at 10000). Follows ingestion: see as_of",
+            "parameters": [_p("trader", {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+                              "Trader address (trader or metricId required)"),
+                           _p("metricId", _MARKET["schema"], "Market metric id, e.g. SILVER_V1"),
+                           _p("type", {"type": "string", "enum": ["active", "history", "market"]},
+                              "active: open and partially filled; history: filled and cancelled; market: one "
+                              "market's open orders of every trader (needs metricId, no trader); omitted: all"),
+                           _p("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                              "Page size (capped at 500)"),
+                           _p("offset", {"type": "integer", "minimum": 0, "maximum": 10000, "default": 0},
+                              "Rows to skip (newest first); at most 10000")],
+            "responses": {"200": _ok({
+                "orders": {"type": "array", "items": {"type": "object", "properties": {
+                    k: {"type": t} for k, t in (
+                        ("orderId", "string"), ("metricId", "string"), ("trader", "string"), ("side", "string"),
+                        ("orderType", "string"), ("price", "string"), ("quantity", "string"),
+                        ("filled", "string"), ("remaining", "string"), ("status", "string"),
+                        ("createdBlock", "integer"), ("updatedBlock", "integer"))}}},
+                "marketDepth": _d({"type": ["object", "null"], "properties": {
+                    "metricId": {"type": "string"}, "seq": {"type": "integer"}, "block": {"type": "object"},
+                    "bids": _LEVELS, "asks": _LEVELS, "bestBid": _STR_OR_NULL, "bestAsk": _STR_OR_NULL}},
+                    _LIVE + " Top 20 levels of metricId's book; null without metricId."),
+                "pagination": {"type": "object", "properties": {
+                    "limit": {"type": "integer"}, "offset": {"type": "integer"}, "total": {"type": "integer"},
+                    "hasMore": {"type": "boolean"}}, "required": ["limit", "offset", "total", "hasMore"]},
+                "as_of": _ref("AsOf")}, ["orders", "marketDepth", "pagination", "as_of"]),
+                "400": _ERR, "404": _ERR, "503": _STARTING}}},
+        "/pusher/auth": {"post": {
+            "summary": "Signs a private-user channel for the Pusher endpoint /app/{key} (HMAC-SHA256 of "
+                       "socket_id:channel_name with the app secret, as Pusher's auth endpoints do); for the "
+                       "frontend's backend, with the bearer token OBP_PUSHER_AUTH_TOKEN",
+            "requestBody": {"required": True, "content": {
+                "application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {
+                    "socket_id": {"type": "string"}, "channel_name": {"type": "string"}}}}}},
+            "responses": {"200": _ok({"auth": _d({"type": "string"}, "key:signature, for pusher:subscribe")}),
+                          "400": _ERR, "403": _ERR, "404": _d(_ERR, "Private channels are not configured"),
+                          "413": _ERR, "429": _ERR}}},
         "/api/markets/summary": {"get": {
             "summary": "Per market: decimals; best bid/ask, mid, spread (live book); 24h volume/high/low/last, "
                        "open interest (Postgres, as of as_of.ingested_block)",

@@ -34,28 +34,35 @@ class WsEndpoint:
         hub, limits = self.hub, self.hub.limits
         client = ws.client.host if ws.client else "unknown"
         await ws.accept()
-        if hub.connections[client] >= limits.max_connections_per_client:
-            await ws.send_text(error("too_many_connections",
-                                     f"at most {limits.max_connections_per_client} connections per client"))
-            await ws.close(1008)
+        refused = self.refuse(ws)
+        if refused is None and hub.connections[client] >= limits.max_connections_per_client:
+            refused = (1008, "too_many_connections", f"at most {limits.max_connections_per_client} connections per "
+                                                     "client")
+        if refused is not None:
+            code, name, message = refused
+            await ws.send_text(self.error_text(name, message))
+            await ws.close(self.close_code(name, code))
             return
         hub.connections[client] += 1
         metrics.CLIENTS.inc()
-        conn = Conn(hub, client, limits)
+        conn = self.new_conn(client)
         sender = asyncio.create_task(self._sender(ws, conn))
+        self.opened(conn)
         violations = 0
         try:
             while not conn.closing:
                 try:
                     msg = await asyncio.wait_for(ws.receive(), timeout=limits.idle_timeout_s)
                 except TimeoutError:
+                    if self.keepalive(conn):
+                        continue
                     conn.close(4001, "idle_timeout", f"no message for {limits.idle_timeout_s:.0f}s; send ping")
                     break
                 if msg["type"] == "websocket.disconnect":
                     break
                 text = msg.get("text")
                 if text is None:
-                    conn.send(error("bad_request", "binary frames are not supported; send JSON text"))
+                    conn.send(self.error_text("bad_request", "binary frames are not supported; send JSON text"))
                     continue
                 if len(text.encode()) > limits.max_message_bytes:
                     conn.close(1009, "message_too_large", f"messages are limited to {limits.max_message_bytes} bytes")
@@ -65,13 +72,14 @@ class WsEndpoint:
                     if violations > _MAX_RATE_VIOLATIONS:
                         conn.close(4029, "rate_limited", "too many messages; disconnected")
                         break
-                    conn.send(error("rate_limited", f"at most {limits.messages_per_second} messages per second"))
+                    conn.send(self.error_text("rate_limited",
+                                              f"at most {limits.messages_per_second} messages per second"))
                     continue
                 self.handle(conn, text)
         except WebSocketDisconnect:
             pass
         finally:
-            hub.drop(conn)
+            self.drop(conn)
             hub.connections[client] -= 1
             metrics.CLIENTS.dec()
             if conn.closing:
@@ -82,8 +90,7 @@ class WsEndpoint:
             else:
                 sender.cancel()
 
-    @staticmethod
-    async def _sender(ws: WebSocket, conn: Conn) -> None:
+    async def _sender(self, ws: WebSocket, conn: Conn) -> None:
         """Drains the connection's queue: one frame per message, or with `batch` one array frame per drain."""
         item: str | tuple[str, int, str] | None = None
         try:
@@ -92,9 +99,9 @@ class WsEndpoint:
                     item = await conn.queue.get()
                 if isinstance(item, tuple):
                     code_name, code, message = item
-                    text = error(code_name, message)
+                    text = self.error_text(code_name, message)
                     await ws.send_text(f"[{text}]" if conn.batch else text)
-                    await ws.close(code)
+                    await ws.close(self.close_code(code_name, code))
                     return
                 if conn.batch:
                     frame, item = conn.batch_frame(item)
@@ -106,6 +113,32 @@ class WsEndpoint:
                     await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             return
+
+    # -- what another protocol on the same limits overrides (live/pusher_ws.py) ----------------------------
+    def refuse(self, ws: WebSocket) -> tuple[int, str, str] | None:
+        """(close code, error, message) to refuse a connection before it counts, e.g. for its URL."""
+        return None
+
+    def new_conn(self, client: str) -> Conn:
+        return Conn(self.hub, client, self.hub.limits)
+
+    def opened(self, conn: Conn) -> None:
+        """Queue what the protocol sends first (nothing here: the client speaks first)."""
+
+    def drop(self, conn: Conn) -> None:
+        """The connection is gone: forget its subscriptions."""
+        self.hub.drop(conn)
+
+    def keepalive(self, conn: Conn) -> bool:
+        """After `idle_timeout_s` without a client message: True to wait once more (the protocol probed), False
+        to close the connection as idle."""
+        return False
+
+    def error_text(self, code: str, message: str) -> str:
+        return error(code, message)
+
+    def close_code(self, error_code: str, code: int) -> int:
+        return code
 
     # -- protocol -------------------------------------------------------------------------------------------
     def handle(self, conn: Conn, text: str) -> None:
