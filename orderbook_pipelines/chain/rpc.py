@@ -1,10 +1,16 @@
-"""The one RPC client: raw JSON-RPC through web3's HTTP provider, retries with backoff, adaptive getLogs.
+"""The one RPC client: raw JSON-RPC over a requests session, retries with backoff, adaptive getLogs.
 
 Raw dicts (hex strings) are kept instead of web3's AttributeDicts: decoding is ours and the conversion cost
 matters at a million logs. Providers refuse large log queries in different words; every such answer
 shrinks the window (halving), and success grows it back, so a backfill neither stalls nor hammers.
 A call retries within a deadline as well as an attempt cap, logging each retry: a dead node is reported in
 seconds, by its (redacted) URL, with the one useful phrase of the transport error.
+
+A client built from the configuration also knows the chain id it must serve: it checks `eth_chainId` before its
+first answer is used and again after every new TCP connection (urllib3 reconnects a dropped keep-alive
+connection in place, silently: a restarted or failed-over node behind the same URL is only seen this way) and
+after every transient error. A node of another chain raises WrongChain before any of its answers is returned,
+so no caller can write or serve that chain's data under the configured id.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import requests
+from requests.adapters import HTTPAdapter
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -26,8 +34,6 @@ from tenacity import (
     stop_before_delay,
     wait_exponential_jitter,
 )
-from web3.providers.rpc import HTTPProvider
-from web3.types import RPCEndpoint
 
 from orderbook_pipelines import obs
 from orderbook_pipelines.chain import metrics
@@ -67,6 +73,23 @@ class TransientRpcError(RpcError):
 
 class RangeTooLarge(RpcError):
     """The provider refused a getLogs window as too large; the caller splits it."""
+
+
+class WrongChain(RpcError):
+    """The node serves another chain than the configured one: nothing it answers may be used.
+
+    Not retried (the node answered, and will answer the same); the CLI exits with its own code, the live
+    service reports it as the reason it is not ready.
+    """
+
+    def __init__(self, expected: int, actual: int, node: str):
+        self.expected, self.actual = expected, actual
+        self.node = node
+        super().__init__(f"wrong chain: the node at {node} serves chain id {actual}, but the configuration says "
+                         f"chain.chain_id {expected}; refusing to use it (nothing was read or written)")
+
+    def __reduce__(self) -> tuple[type[WrongChain], tuple[int, int, str]]:  # survives a worker process boundary
+        return WrongChain, (self.expected, self.actual, self.node or "")
 
 
 @dataclass(frozen=True)
@@ -125,9 +148,61 @@ def _observed(fn: Callable[[str, list[Any]], Any], method: str, params: list[Any
     return result
 
 
+class _CountingAdapter(HTTPAdapter):
+    """The HTTP transport, counting the TCP connections it opens (a dropped keep-alive connection is reopened in
+    place, invisible to the caller): each new one may lead to another node, so its chain id is checked again."""
+
+    def __init__(self) -> None:
+        self.connects = 0
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        adapter = self
+
+        def counted(pool_cls: Any) -> Any:
+            class Connection(pool_cls.ConnectionCls):
+                def connect(self) -> None:
+                    super().connect()
+                    adapter.connects += 1
+
+            return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": Connection})
+
+        pm = self.poolmanager
+        pm.pool_classes_by_scheme = {k: counted(v) for k, v in pm.pool_classes_by_scheme.items()}
+
+
+class _JsonRpc:
+    """JSON-RPC over the client's session. (web3's HTTPProvider did this; importing web3 also imports eth_account
+    and py_ecc, about 2 s of CPU at every process start, and its stdlib JSON decoding is slower than orjson's.)"""
+
+    def __init__(self, url: str, session: requests.Session, timeout_s: float) -> None:
+        self.url, self.session, self.timeout_s = url, session, timeout_s
+        self._next_id = 0
+
+    def _body(self, method: str, params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        return {"jsonrpc": "2.0", "method": method, "params": params, "id": self._next_id}
+
+    def _post(self, body: Any) -> Any:
+        resp = self.session.post(self.url, data=orjson.dumps(body), timeout=self.timeout_s,
+                                 headers={"Content-Type": "application/json"})
+        resp.raise_for_status()
+        return orjson.loads(resp.content)
+
+    def make_request(self, method: str, params: Any) -> Any:
+        return self._post(self._body(method, params))
+
+    def make_batch_request(self, calls: list[tuple[str, Any]]) -> Any:
+        """Answers in call order (servers may answer a batch in any order); a single error object as it came."""
+        out = self._post([self._body(m, p) for m, p in calls])
+        return sorted(out, key=lambda r: r.get("id") or 0) if isinstance(out, list) else out
+
+
 class ChainClient:
     def __init__(self, rpc_url: str, timeout_s: float = 10.0, retries: int = 5, max_logs_range: int = 2000,
-                 backoff_max_s: float = 8.0, deadline_s: float = 10.0):
+                 backoff_max_s: float = 8.0, deadline_s: float = 10.0, expected_chain_id: int | None = None):
+        """`expected_chain_id`: the chain the node must serve (from_config sets it); None checks nothing."""
         self.rpc_url = rpc_url
         self.node = redacted_url(rpc_url)
         self.timeout_s = timeout_s
@@ -137,50 +212,97 @@ class ChainClient:
         self.max_logs_range = max_logs_range
         self.logs_window = max_logs_range
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "range_splits": 0}
-        # web3's transport only (raw dicts, no middleware): decoding is ours, and a million logs pay no conversion.
-        self.provider = HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=None)
+        self.expected_chain_id = expected_chain_id
+        self._transport = _CountingAdapter()
+        session = requests.Session()
+        session.mount("http://", self._transport)
+        session.mount("https://", self._transport)
+        self._checked_at = -1  # connection count when the chain id was last confirmed; -1: check before next use
+        # Raw dicts, no middleware: decoding is ours, and a million logs pay no conversion.
+        self.provider = _JsonRpc(rpc_url, session, timeout_s)
 
     @classmethod
     def from_config(cls, chain: Chain, retries: int | None = None) -> ChainClient:
         """The client every process builds from the `chain` section (`retries` overrides it: probes use 0-1)."""
         return cls(chain.rpc_url, chain.rpc_timeout_s, chain.rpc_retries if retries is None else retries,
-                   chain.max_logs_range, deadline_s=chain.rpc_deadline_s)
+                   chain.max_logs_range, deadline_s=chain.rpc_deadline_s, expected_chain_id=chain.chain_id)
+
+    # -- which chain ---------------------------------------------------------------------------------------
+    def _unconfirmed(self) -> bool:
+        return self.expected_chain_id is not None and self._checked_at != self._transport.connects
+
+    def _confirm(self, raw: Any) -> None:
+        """Compare an eth_chainId answer with the configuration; remember the connections it covers."""
+        assert self.expected_chain_id is not None
+        actual = int(raw, 16)
+        if actual != self.expected_chain_id:
+            self._checked_at = -1
+            raise WrongChain(self.expected_chain_id, actual, self.node)
+        self._checked_at = self._transport.connects
+
+    def _attempt(self, method: str, params: list[Any]) -> Any:
+        """One attempt, its answer used only if the chain id was confirmed on the connections it may have used."""
+        if self.expected_chain_id is None:
+            return _observed(self._once, method, params)
+
+        def check(m: str, p: list[Any]) -> Any:
+            return self._once(m, p, name=method)
+
+        if method != "eth_chainId" and self._unconfirmed():
+            self._confirm(_observed(check, "eth_chainId", []))
+        result = _observed(self._once, method, params)
+        if method == "eth_chainId":
+            self._confirm(result)
+        elif self._unconfirmed():  # this answer came over a new connection: perhaps from another node
+            self._confirm(_observed(check, "eth_chainId", []))
+        return result
+
+    def verify_chain(self) -> None:
+        """Check the chain id now if it is due (never checked, a new connection, an error since); retried."""
+        if self._unconfirmed():
+            self.call("eth_chainId", [])
 
     # -- transport -----------------------------------------------------------------------------------------
-    def _once(self, method: str, params: list[Any]) -> Any:
+    def _once(self, method: str, params: list[Any], name: str | None = None) -> Any:
+        """One request; errors say `name` (the call being answered: a chain-id check made for
+        eth_blockNumber fails as eth_blockNumber)."""
+        name = name or method
         self.stats["rpc_calls"] += 1
         try:
-            resp = self.provider.make_request(RPCEndpoint(method), params)
+            resp = self.provider.make_request(method, params)
         except requests.HTTPError as exc:
             self.stats["rpc_errors"] += 1
             status = exc.response.status_code if exc.response is not None else 0
+            if status == 429 or status >= 500:  # a proxy or balancer in front may fail over: check the chain again
+                self._checked_at = -1
             body = exc.response.text[:300] if exc.response is not None else ""
             if status == 429 or _is_rate_limit(body):
-                raise TransientRpcError(f"{method}: HTTP {status}: {body}") from exc
+                raise TransientRpcError(f"{name}: HTTP {status}: {body}") from exc
             if method == "eth_getLogs" and _is_too_large(body):
-                raise RangeTooLarge(f"{method}: HTTP {status}: {body}") from exc
+                raise RangeTooLarge(f"{name}: HTTP {status}: {body}") from exc
             if status >= 500:
-                raise TransientRpcError(f"{method}: HTTP {status}: {body}") from exc
-            raise RpcError(f"{method}: HTTP {status}: {body}") from exc
+                raise TransientRpcError(f"{name}: HTTP {status}: {body}") from exc
+            raise RpcError(f"{name}: HTTP {status}: {body}") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             self.stats["rpc_errors"] += 1
+            self._checked_at = -1
             if method == "eth_getLogs" and isinstance(exc, requests.ReadTimeout):  # connected, but too slow
-                raise RangeTooLarge(f"{method}: timed out") from exc
-            raise TransientRpcError(f"{method}: {_transport_reason(exc, self.timeout_s)}") from exc
+                raise RangeTooLarge(f"{name}: timed out") from exc
+            raise TransientRpcError(f"{name}: {_transport_reason(exc, self.timeout_s)}") from exc
         if resp.get("error"):
             self.stats["rpc_errors"] += 1
             err = resp["error"]
             msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
             code = err.get("code") if isinstance(err, dict) else None
             if code == 429 or _is_rate_limit(msg):
-                raise TransientRpcError(f"{method}: {msg} (code {code})")
+                raise TransientRpcError(f"{name}: {msg} (code {code})")
             if method == "eth_getLogs" and _is_too_large(msg):
-                raise RangeTooLarge(f"{method}: {msg}")
+                raise RangeTooLarge(f"{name}: {msg}")
             if code in (-32005, -32603):
-                raise TransientRpcError(f"{method}: {msg} (code {code})")
-            raise RpcError(f"{method}: {msg} (code {code})")
+                raise TransientRpcError(f"{name}: {msg} (code {code})")
+            raise RpcError(f"{name}: {msg} (code {code})")
         if "result" not in resp:
-            raise RpcError(f"{method}: response without result: {str(resp)[:200]}")
+            raise RpcError(f"{name}: response without result: {str(resp)[:200]}")
         return resp["result"]
 
     def call(self, method: str, params: list[Any]) -> Any:
@@ -196,7 +318,7 @@ class ChainClient:
                 reraise=False,
             ):
                 with attempt:
-                    return _observed(self._once, method, params)
+                    return self._attempt(method, params)
         except RetryError as exc:
             n = exc.last_attempt.attempt_number
             last = exc.last_attempt.exception()
@@ -237,10 +359,12 @@ class ChainClient:
         todo = sorted(set(numbers))
         for i in range(0, len(todo), 200):
             chunk = todo[i : i + 200]
+            self.verify_chain()
             try:
                 self.stats["rpc_calls"] += 1
                 results = self.provider.make_batch_request(
-                    [(RPCEndpoint("eth_getBlockByNumber"), [hex(n), False]) for n in chunk])
+                    [("eth_getBlockByNumber", [hex(n), False]) for n in chunk])
+                self.verify_chain()  # the batch may have gone over a new connection
                 if not isinstance(results, list):
                     raise TypeError("batch answered with a single error")
                 for n, r in zip(chunk, results, strict=True):

@@ -2,7 +2,8 @@
 
 One module per command group; every module imports its heavy libraries (SQLAlchemy, web3, Dagster, pydantic
 settings) inside the commands, so `orderbook --help` starts in a fraction of a second (tests/test_cli.py).
-Every command ends the same way on Ctrl-C (exit 130) or an unusable node (exit 69): one red line, no traceback.
+Every command ends the same way on Ctrl-C (exit 130), an unusable node (exit 69), a node of another chain (78) or a
+reorg deeper than the confirmations (65): one red line, no traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from orderbook_pipelines.cli import (
     replay,
     snapshot,
 )
-from orderbook_pipelines.cli.common import INTERRUPTED, fail, fail_node
+from orderbook_pipelines.cli.common import INTERRUPTED, REORG_DETECTED, fail, fail_node
 
 if TYPE_CHECKING:
     from typer._click import Context  # typer vendors click: the base class its groups are typed with
@@ -44,6 +45,10 @@ class _Orderbook(TyperGroup):
             rpc = sys.modules.get("orderbook_pipelines.chain.rpc")  # loaded only by commands that use the node
             if rpc is not None and isinstance(exc, rpc.RpcError):
                 fail_node(exc)
+            writer = sys.modules.get("orderbook_pipelines.storage.writer")
+            if writer is not None and isinstance(exc, writer.ReorgDetected):
+                fail(f"{' '.join(filter(None, ('orderbook', ctx.invoked_subcommand)))}: {exc}; recorded (orderbook "
+                     "reorgs list); see docs/runbooks/reorg-handling.md", REORG_DETECTED)
             raise
 
 

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 # sysexits' EX_UNAVAILABLE: the node cannot be used. Distinct from every command's own codes (reconcile's 1, 3
 # and 4, check's 1), so a runbook never takes "node down" for "ranges differ".
 NODE_UNAVAILABLE = 69
+# sysexits' EX_CONFIG: the node serves another chain than chain.chain_id (chain/rpc.py WrongChain); nothing was
+# written. Not 69: waiting for the node does not help, the URL or the configuration must change.
+WRONG_CHAIN = 78
+# sysexits' EX_DATAERR: the chain no longer agrees with what is stored beyond the confirmations; an operator follows
+# docs/runbooks/reorg-handling.md (the reorg is already recorded for `orderbook reorgs list`).
+REORG_DETECTED = 65
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -30,9 +36,12 @@ def fail(msg: str, code: int = 2) -> NoReturn:
 
 def fail_node(exc: RpcError) -> NoReturn:
     """One red line naming the node and what was tried, instead of a traceback (OBP_LOG_LEVEL=DEBUG logs it)."""
+    from orderbook_pipelines.chain.rpc import WrongChain
     from orderbook_pipelines.obs import redact_text
 
     logging.getLogger("obp.cli").debug("RPC failure", exc_info=exc)
+    if isinstance(exc, WrongChain):
+        fail(redact_text(str(exc)), WRONG_CHAIN)
     fail(redact_text(f"node {exc.node or '(unknown)'}: {exc}"), NODE_UNAVAILABLE)
 
 

@@ -68,7 +68,9 @@ def live_serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8
     if cluster and not redis_url:
         fail("--cluster needs REDIS_URL (the processes share markets and streams through Redis)")
     prefix = redis_prefix_opt or (redis_prefix(cfg, _anchor(cfg)) if redis_url else f"{REDIS_ROOT}:")
-    service = LiveService(cfg, engine(), redis_url=redis_url, cluster=cluster, worker_id=worker_id,
+    # Not migrated here: the service only reads, and may run as the read-only obp_api role (docs/security.md),
+    # which cannot take the migration lock; `orderbook db init` (schema owner) migrates.
+    service = LiveService(cfg, engine(migrate=False), redis_url=redis_url, cluster=cluster, worker_id=worker_id,
                           redis_prefix=prefix)
     if redis_url:
         log.info("live: Redis keys and channels under %s", prefix)

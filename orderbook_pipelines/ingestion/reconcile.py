@@ -1,7 +1,9 @@
 """Reconciliation: re-check stored (final) block ranges against the chain and repair what differs.
 
 Stored ranges hold only blocks that were final when ingested, so a stored block hash the chain no longer has
-is a reorg deeper than the confirmation depth: an incident, recorded in `reorgs` and surfaced loudly. Events
+is a reorg deeper than the confirmation depth: an incident, recorded in `reorgs` (one row per reorg, written by
+ingestion/reorgs.py: the dry run inserts it unrepaired, the repair marks the same row repaired) and surfaced
+loudly. Events
 missing or extra without a hash change (a market registered late, a lost write) are repaired the same way:
 the range's stored rows are deleted in one transaction and the range is ingested again with the normal
 `ingest_range`, then the projections are rebuilt for every key the deleted events fed. A cap bounds how many
@@ -10,7 +12,6 @@ events one run may rewrite; above it nothing is touched and the caller fails wit
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,8 @@ from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import RangeNotFinal, range_key
 from orderbook_pipelines.ingestion.reader import EventReader
+from orderbook_pipelines.ingestion.reorgs import Reorg, find_fork
+from orderbook_pipelines.ingestion.reorgs import record as record_reorg
 from orderbook_pipelines.storage import checkpoints
 from orderbook_pipelines.storage.checkpoints import Checkpoint
 from orderbook_pipelines.storage.events import open_markets
@@ -68,15 +71,6 @@ class RangeDiff:
     def rewrite_events(self) -> int:
         """Rows a repair deletes plus rows it inserts: what the cap counts."""
         return self.stored_events + self.stored_rejected + self.chain_events + self.chain_rejected
-
-
-@dataclass
-class Reorg:
-    fork_block: int
-    depth: int
-    old_hash: str
-    new_hash: str | None
-    ranges: list[str]
 
 
 @dataclass
@@ -165,12 +159,17 @@ def diff_range(config: ProjectConfig, chain: ChainClient, conn: Connection, cp: 
     return d
 
 
-def _reorg_of(diffs: list[RangeDiff]) -> Reorg | None:
+def _reorg_of(conn: Connection, chain: ChainClient, chain_id: int, diffs: list[RangeDiff]) -> Reorg | None:
+    """The reorg the differing block hashes show, its fork point found the way ingestion finds it (find_fork: the
+    first range's parent block counts too), so both name the same row."""
     bad = sorted((b, d.key) for d in diffs for b in d.bad_blocks)
     if not bad:
         return None
     (fork, old, new), _ = bad[0]
     top = bad[-1][0][0]
+    lower = find_fork(conn, chain, chain_id, fork)
+    if lower is not None and lower.block < fork:
+        fork, old, new = lower.block, lower.old_hash, lower.new_hash
     return Reorg(fork_block=fork, depth=top - fork + 1, old_hash=old, new_hash=new,
                  ranges=sorted({k for _, k in bad}))
 
@@ -193,6 +192,12 @@ def _delete_range(conn: Connection, chain_id: int, cp: Checkpoint) -> tuple[int,
     rejected = conn.execute(
         text("DELETE FROM rejected_logs WHERE chain_id = :c AND block_number BETWEEN :s AND :e"), p).rowcount
     conn.execute(text("DELETE FROM blocks WHERE chain_id = :c AND number BETWEEN :s AND :e"), p)
+    # The range's parent block is stored as its anchor (the reorg guard checks the range extends it). When no
+    # stored range holds it (the deployment range's parent, or a range after a gap) it belongs to this range
+    # alone, and a fork below the range has replaced it too: left stored, the re-ingestion would refuse.
+    conn.execute(text("""DELETE FROM blocks WHERE chain_id = :c AND number = :s - 1 AND NOT EXISTS (
+                             SELECT 1 FROM ingestion_checkpoints k WHERE k.chain_id = :c
+                               AND k.range_start <= :s - 1 AND k.processed_to >= :s - 1)"""), p)
     conn.execute(text("DELETE FROM ingestion_checkpoints WHERE chain_id = :c AND range_start = :s"), p)
     # Depth snapshots at or above the range were built from the history being replaced: drop them (their
     # orders cascade); the next snapshot run rebuilds from an older, still valid one.
@@ -246,17 +251,16 @@ def _rebuild_keys(conn: Connection, chain_id: int, order_keys: list, traders: li
     return len(o_blocks), len(p_blocks)
 
 
-def _record_reorg(conn: Connection, config: ProjectConfig, r: Reorg, report: ReconcileReport,
-                  run_id: str | None) -> None:
-    conn.execute(
-        text("""INSERT INTO reorgs (chain_id, fork_block, depth, old_hash, new_hash, confirmations, ranges, repaired,
-                                    events_deleted, events_inserted, run_id, details)
-                VALUES (:c, :f, :d, :o, :n, :conf, :r, :rep, :ed, :ei, :run, CAST(:det AS jsonb))"""),
-        {"c": config.chain.chain_id, "f": r.fork_block, "d": r.depth, "o": r.old_hash, "n": r.new_hash,
-         "conf": config.chain.confirmations, "r": r.ranges, "rep": report.repaired, "ed": report.events_deleted,
-         "ei": report.events_inserted, "run": run_id,
-         "det": json.dumps({"ranges": [asdict(d) for d in report.mismatched]}, default=str)},
-    )
+def _record_reorg(engine: Engine, config: ProjectConfig, report: ReconcileReport, run_id: str | None,
+                  repaired: bool) -> None:
+    """The reorg's one row: unrepaired when found (before any repair starts), repaired once the repair is done."""
+    assert report.reorg is not None
+    with engine.begin() as conn:
+        record_reorg(conn, config, report.reorg, repaired=repaired,
+                     events_deleted=report.events_deleted if repaired else 0,
+                     events_inserted=report.events_inserted if repaired else 0, run_id=run_id,
+                     details={"detected_by": "reconciliation",
+                              "ranges": [asdict(d) for d in report.mismatched]})
 
 
 # -- entry point -----------------------------------------------------------------------------------------------
@@ -266,7 +270,8 @@ def reconcile(config: ProjectConfig, chain: ChainClient, engine: Engine, *, star
     """Check stored ranges ([start, end], or the last `lookback_ranges`) against the chain; repair if asked.
 
     Raises RepairCapExceeded (touching no data) when the repair would rewrite more than the cap.
-    A reorg found is recorded in `reorgs` whatever happens; callers decide how loudly to fail.
+    A reorg found is recorded in `reorgs` (unrepaired) before anything is touched, and marked repaired after a
+    successful repair; callers decide how loudly to fail.
     """
     cid = config.chain.chain_id
     rc = config.reconciliation
@@ -303,17 +308,16 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
                 break
             scope.insert(0, prev)
             diffs.insert(0, diff_range(config, chain, conn, prev, head, reader))
-    report.ranges_checked = len(diffs)
-    report.diffs = diffs
-    report.reorg = _reorg_of(diffs)
+        report.ranges_checked = len(diffs)
+        report.diffs = diffs
+        report.reorg = _reorg_of(conn, chain, cid, diffs)
     bad = report.mismatched
     if not bad:
         return
+    if report.reorg:
+        _record_reorg(engine, config, report, run_id, repaired=False)
     total = sum(d.rewrite_events for d in bad)
     if repair and total > cap:
-        if report.reorg:
-            with engine.begin() as conn:
-                _record_reorg(conn, config, report.reorg, report, run_id)
         raise RepairCapExceeded(
             f"repair of {len(bad)} range(s) ({', '.join(d.key for d in bad)}) would rewrite {total} events "
             f"(stored {sum(d.stored_events + d.stored_rejected for d in bad)}, on chain "
@@ -321,35 +325,41 @@ def _run(config: ProjectConfig, chain: ChainClient, engine: Engine, report: Reco
             f"Raise reconciliation.max_repair_events or repair range by range with `orderbook reconcile`."
         )
     if repair:
-        for d in bad:  # ascending: each re-ingested range must extend the (already repaired) previous one
-            _repair_range(config, chain, engine, report, Checkpoint(d.range_start, d.range_end, d.processed_to),
-                          run_id)
+        _repair_ranges(config, chain, engine, report, [Checkpoint(d.range_start, d.range_end, d.processed_to)
+                                                       for d in bad], run_id)
         report.repaired = True
-    if report.reorg:
-        with engine.begin() as conn:
-            _record_reorg(conn, config, report.reorg, report, run_id)
+        if report.reorg:
+            _record_reorg(engine, config, report, run_id, repaired=True)
 
 
-def _repair_range(config: ProjectConfig, chain: ChainClient, engine: Engine, report: ReconcileReport,
-                  cp: Checkpoint, run_id: str | None) -> None:
-    """Delete, re-ingest and re-project one range in ONE transaction (ingest_range projects it): a crash or an
-    RPC failure midway leaves the old rows (and the checkpoint that makes reconciliation look again), never a
-    hole."""
+def _repair_ranges(config: ProjectConfig, chain: ChainClient, engine: Engine, report: ReconcileReport,
+                   cps: list[Checkpoint], run_id: str | None) -> None:
+    """Delete every differing range, then re-ingest and re-project them, in ONE transaction (ingest_range projects
+    each): a crash or an RPC failure midway leaves the old rows (and the checkpoints that make reconciliation look
+    again), never a hole. All are deleted before any is ingested again: a re-ingested fill takes the market of its
+    order, and a later range still holding the old branch's open of the same order id (router ids are reused across
+    branches) would give it the old branch's market (found by the fork scenarios, tests/test_fork_scenarios.py)."""
     cid = config.chain.chain_id
     with engine.begin() as conn:
-        events, rejected, order_keys, traders = _delete_range(conn, cid, cp)
-        try:
-            r = ingest_range(config, chain, engine, cp.range_start, cp.range_end, run_id=run_id, conn=conn)
-        except RangeNotFinal:
-            # The chain is now shorter than what we had stored as final: nothing of this range is final any more.
-            report.ranges_not_final.append(range_key(cp.range_start, cp.range_end))
-            r = None
-        o, p = _rebuild_keys(conn, cid, order_keys, traders)
-    report.events_deleted += events
-    report.rejected_deleted += rejected
-    report.events_inserted += r.events_inserted if r else 0
-    report.orders_recomputed += len(order_keys)
-    report.positions_recomputed += len(traders)
-    report.ranges_repaired.append(range_key(cp.range_start, cp.range_end))
-    log.info("repaired %s: %d events deleted, %s inserted, %d/%d rebuild blocks",
-             range_key(cp.range_start, cp.range_end), events, r.events_inserted if r else 0, o, p)
+        deleted = [(cp, _delete_range(conn, cid, cp)) for cp in cps]
+        all_keys: list = []
+        all_traders: list = []
+        for cp, (events, rejected, order_keys, traders) in deleted:  # ascending: each extends the previous one
+            try:
+                r = ingest_range(config, chain, engine, cp.range_start, cp.range_end, run_id=run_id, conn=conn)
+            except RangeNotFinal:
+                # The chain is now shorter than what we had stored as final: nothing of this range is final any more.
+                report.ranges_not_final.append(range_key(cp.range_start, cp.range_end))
+                r = None
+            all_keys += order_keys
+            all_traders += traders
+            report.events_deleted += events
+            report.rejected_deleted += rejected
+            report.events_inserted += r.events_inserted if r else 0
+            report.orders_recomputed += len(order_keys)
+            report.positions_recomputed += len(traders)
+            report.ranges_repaired.append(range_key(cp.range_start, cp.range_end))
+            log.info("repaired %s: %d events deleted, %s inserted", range_key(cp.range_start, cp.range_end), events,
+                     r.events_inserted if r else 0)
+        o, p = _rebuild_keys(conn, cid, sorted(set(all_keys)), sorted(set(all_traders)))
+    log.info("repair rebuilt orders from %d blocks and positions from %d", o, p)

@@ -83,8 +83,8 @@ class StateCollector(Collector):
                                         value=head - indexed)
                 yield GaugeMetricFamily("obp_index_final_lag_blocks", "Safe head minus obp_indexed_block "
                                         "(what ingestion could have written)", value=max(0, (safe or 0) - indexed))
-            yield GaugeMetricFamily("obp_deep_reorgs", "Reorgs deeper than the confirmation depth found by "
-                                    "reconciliation (rows of table reorgs)", value=reorgs)
+            yield GaugeMetricFamily("obp_deep_reorgs", "Reorgs deeper than the confirmation depth, recorded by "
+                                    "ingestion or reconciliation (rows of table reorgs)", value=reorgs)
             yield GaugeMetricFamily("obp_deep_reorgs_unrepaired", "Such reorgs not repaired", value=unrepaired)
             checks = GaugeMetricFamily("obp_asset_checks_failing",
                                        "Markets whose latest checked range failed this check", labels=["check"])
