@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -90,3 +91,25 @@ def simulated_chain(anvil_factory: type[Anvil], tmp_path_factory: pytest.TempPat
     anvil.mine(chain.config.chain.confirmations + 1)
     print(f"simulated {stats} in {time.perf_counter() - t0:.1f}s")
     return chain
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Draw the fork scenarios' base seed once, in the process that starts the test workers (they inherit the
+    environment): every worker must collect the same seeded test ids, and one printed seed reruns them all."""
+    if not hasattr(config, "workerinput") and not os.environ.get("OBP_FORK_BASE_SEED"):
+        import random
+
+        os.environ["OBP_FORK_BASE_SEED"] = str(random.SystemRandom().getrandbits(32))
+
+
+def eventually(probe: Callable[[], Any], ok: Callable[[Any], bool], timeout: float, what: str,
+               every: float = 0.1) -> Any:
+    """Poll `probe` until `ok(result)`: a condition, never a fixed sleep; the last result is in the failure message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if ok(got):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still {got!r} after {timeout:.0f}s")
+        time.sleep(every)

@@ -1,7 +1,16 @@
-"""Runs the live service for real (uvicorn on a loopback port, in a thread) and a verifying WebSocket client."""
+"""Runs the live service for real (uvicorn on a loopback port, in a thread) and a verifying WebSocket client.
+
+Waiting is by condition, never by a quiet period: `wait_until_current` returns once the follower has applied the
+chain head, finished its step and the service's event loop has handled every update it was handed;
+`drain` reads until the client holds, for each of its channels, the sequence number the service last sent on
+it (coalesced channels flushed), then up to the answer to a ping (what was queued without a new sequence number).
+A slow machine makes these waits longer, never wrong.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import threading
 import time
@@ -29,6 +38,7 @@ def running_service(chain: DevChain, db: str, limits: Limits | None = None, redi
     options = options or ServiceOptions(poll_s=0.5, admin_token=admin_token, markets_refresh_s=0.5)
     service = LiveService(chain.config, engine_for(db), limits, options, redis_url=redis_url,
                           redis_prefix=redis_prefix, cluster=cluster, worker_id=worker_id)
+    _STEPS[id(service)] = _Steps(service)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(service.app(), **server_settings(service, "127.0.0.1", port)))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -38,25 +48,71 @@ def running_service(chain: DevChain, db: str, limits: Limits | None = None, redi
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("live service did not start")
         time.sleep(0.05)
+    url = f"127.0.0.1:{port}"
+    _SERVICES[url] = service
     try:
-        yield service, f"127.0.0.1:{port}"
+        yield service, url
     finally:
+        _SERVICES.pop(url, None)
+        _STEPS.pop(id(service), None)
         server.should_exit = True
         thread.join(timeout=20)
 
 
+class _Steps:
+    """Counts the follower's steps as they start and finish: between two equal readings with nothing running,
+    every update of the blocks it applied has been handed to the service (the follower's callback runs inside
+    the step that applied the block)."""
+
+    def __init__(self, service: LiveService):
+        self.started = self.finished = 0
+        inner = service.follower.step
+
+        def step(max_blocks: int = 500) -> int:
+            self.started += 1
+            try:
+                return inner(max_blocks)
+            finally:
+                self.finished += 1
+
+        service.follower.step = step  # type: ignore[method-assign]
+
+    def reading(self) -> tuple[int, int]:
+        return self.started, self.finished
+
+
+_SERVICES: dict[str, LiveService] = {}  # by "host:port", for the clients' drain
+_PINGS = itertools.count()
+_STEPS: dict[int, _Steps] = {}
+
+
+def _on_loop(service: LiveService, fn: Any) -> Any:
+    """Run `fn()` on the service's event loop, after every callback already scheduled there (FIFO)."""
+    assert service.loop is not None
+
+    async def call() -> Any:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), service.loop).result(timeout=30)
+
+
 def wait_until_current(service: LiveService, chain: DevChain, timeout: float = 60) -> None:
+    """Until the live books are at the chain's head block (number and hash), no follower step is running or
+    started since that was read, and the event loop has handled every update handed to it."""
+    steps = _STEPS[id(service)]
     deadline = time.monotonic() + timeout
     while True:
         head = chain.anvil.w3.eth.block_number
-        applied = service.follower.books.head
         chain_hash = chain.anvil.w3.eth.get_block(head)["hash"].to_0x_hex()
-        if applied is not None and applied.number == head and applied.hash == chain_hash:
-            time.sleep(0.2)  # let the loop flush the last deltas
+        before = steps.reading()
+        applied = service.follower.books.head
+        if (service.started.is_set() and before[0] == before[1] and applied is not None
+                and applied.number == head and applied.hash == chain_hash and steps.reading() == before):
+            _on_loop(service, lambda: None)
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"live books at {applied} while the chain is at {head}")
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def reference_checksum(bids: list[tuple[int, int]], asks: list[tuple[int, int]], depth: int) -> int:
@@ -71,15 +127,72 @@ def reference_checksum(bids: list[tuple[int, int]], asks: list[tuple[int, int]],
 
 
 class _Client:
-    """Reading a WebSocket until it is quiet; subclasses say what a frame means (`on_frame`)."""
+    """Reading a WebSocket until it holds what the service sent; subclasses say what a frame means (`on_frame`),
+    which book channels they follow and the last sequence number they applied on each."""
 
     ws: Any
+    url: str
 
     def on_frame(self, raw: str) -> Any:
         raise NotImplementedError
 
-    def drain(self, quiet_s: float = 0.5) -> None:
-        """Read until the server has been quiet for `quiet_s`."""
+    def channel_seqs(self) -> dict[tuple[str, int, int], int]:
+        """(market, depth, interval_ms) -> seq of the last snapshot or delta applied (-1 while resyncing)."""
+        raise NotImplementedError
+
+    def drain(self, quiet_s: float = 0.5, timeout: float = 60) -> None:
+        """Read until, on every followed channel, this client has applied the sequence number the service last
+        sent there (read on the service's loop after the updates already handed to it, coalesced channels
+        flushed). `quiet_s` is only used for a service this harness did not start, or a cluster API process
+        (fed through Redis): then read until the server has been quiet that long."""
+        service = _SERVICES.get(self.url)
+        if service is None or service.node is not None:
+            self._drain_quiet(quiet_s)
+            return
+        hub = service.hub
+        keys = list(self.channel_seqs())
+
+        def sent() -> dict[tuple[str, int, int], int] | None:
+            out = {}
+            for market, depth, interval in keys:
+                ch = hub.channels.get((hub.by_name.get(market, -1), depth, interval))
+                if ch is None or ch.dirty or not ch.subscribers:  # subscription in flight, or a flush due
+                    return None
+                out[(market, depth, interval)] = ch.seq
+            return out
+
+        deadline = time.monotonic() + timeout
+        target = None
+        while True:
+            if target is None:
+                target = _on_loop(service, sent)
+            mine = self.channel_seqs()
+            if target is not None and all(mine[k] >= seq for k, seq in target.items()):
+                self._barrier(deadline)
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"client at {mine}, the service sent {target}")
+            try:
+                raw = self.ws.recv(timeout=0.05)
+            except TimeoutError:
+                target = None  # nothing in flight: ask again (a resubscription or a flush may be pending)
+                continue
+            self.on_frame(raw)
+
+    def _barrier(self, deadline: float) -> None:
+        """Also read what the service queued without moving a sequence number (a resync snapshot after an
+        overflow, errors): its answer to a ping comes after all of it on this connection."""
+        token = f"drain-{next(_PINGS)}"
+        self.ws.send(json.dumps({"op": "ping", "id": token}))
+        while True:
+            raw = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            decoded = json.loads(raw)
+            self.on_frame(raw)
+            msgs = decoded if isinstance(decoded, list) else [decoded]
+            if any(m.get("type") == "pong" and m.get("id") == token for m in msgs):
+                return
+
+    def _drain_quiet(self, quiet_s: float) -> None:
         while True:
             try:
                 raw = self.ws.recv(timeout=quiet_s)
@@ -97,6 +210,7 @@ class BookClient(_Client):
 
     def __init__(self, url: str, market: str, depth: int = 100, interval_ms: int = 0):
         self.ws: ClientConnection = connect(f"ws://{url}/ws", max_size=2**22)
+        self.url = url
         self.market, self.depth, self.interval_ms = market, depth, interval_ms
         self.bids: dict[int, int] = {}
         self.asks: dict[int, int] = {}
@@ -118,6 +232,9 @@ class BookClient(_Client):
         self.seq = -1
         self.ws.send(self._sub_msg("unsubscribe"))
         self._subscribe()
+
+    def channel_seqs(self) -> dict[tuple[str, int, int], int]:
+        return {(self.market, self.depth, self.interval_ms): self.seq}
 
     def levels(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         bids = sorted(self.bids.items(), key=lambda x: -x[0])[: self.depth]
@@ -171,6 +288,7 @@ class BatchBookClient(_Client):
 
     def __init__(self, url: str, channels: list[tuple[str, int, int]], batch: bool = True, **connect_kw: Any):
         self.ws: ClientConnection = connect(f"ws://{url}/ws", max_size=2**22, **connect_kw)
+        self.url = url
         self.batch = batch
         self.books: dict[tuple[str, int, int], dict[str, Any]] = {}
         self.frames: list[str] = []
@@ -192,6 +310,9 @@ class BatchBookClient(_Client):
         market, depth, interval = key
         self.ws.send(json.dumps({"op": op, "channel": "book", "market": market, "depth": depth,
                                  "interval_ms": interval}))
+
+    def channel_seqs(self) -> dict[tuple[str, int, int], int]:
+        return {key: b["seq"] for key, b in self.books.items()}
 
     def levels(self, key: tuple[str, int, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         b, depth = self.books[key], key[1]

@@ -350,3 +350,41 @@ def test_slow_loris_headers_are_cut_off(world: tuple[DevChain, str]) -> None:
         # a normal client on the same server is unaffected, and keep-alive requests still work
         with httpx.Client(base_url=f"http://{url}", timeout=10) as c:
             assert [c.get("/health").status_code for _ in range(3)] == [200, 200, 200]
+
+
+class FakeClock:
+    """The limiter's clock, moved by the test: the limit is stated exactly, however slow the machine is."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic() + 1.0  # past any earlier request
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rest_rate_limit_is_exact_per_client_and_refills_after_the_window(world: tuple[DevChain, str]) -> None:
+    chain, db = world
+    limit = 7
+    with serve(chain, db, ServiceOptions(poll_s=0.5, api_requests_per_second=limit)) as (service, url):
+        assert service.api is not None
+        clock = service.api.limiter.clock = FakeClock()
+        base, params = f"http://{url}", {"market": "SILVER_V1"}
+        with httpx.Client(base_url=base, timeout=30) as me, \
+                httpx.Client(base_url=base, timeout=30,
+                             transport=httpx.HTTPTransport(local_address=ABUSER_ADDR)) as other:
+            codes = [me.get("/api/depth", params=params).status_code for _ in range(limit + 3)]
+            assert codes == [200] * limit + [429] * 3  # exactly `limit` in the window; refusals are not counted
+            refused = me.get("/api/depth", params=params)
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"] == {"code": "rate_limited", "parameter": None,
+                                               "message": f"at most {limit} requests per second per client"}
+            assert service.api.limiter.remaining("127.0.0.1") == 0
+            assert other.get("/api/depth", params=params).status_code == 200  # per client: another is served
+            assert service.api.limiter.remaining(ABUSER_ADDR) == limit - 1
+            clock.now += 0.999  # the window has not passed for any of the hits
+            assert me.get("/api/depth", params=params).status_code == 429
+            clock.now += 0.001  # now it has, for all of them at once
+            codes = [me.get("/api/depth", params=params).status_code for _ in range(limit + 1)]
+            assert codes == [200] * limit + [429]
+            clock.now += 0.5  # a moving window: hits half a window old still count
+            assert me.get("/api/depth", params=params).status_code == 429

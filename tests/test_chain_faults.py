@@ -3,6 +3,7 @@ by real contract code, ranges that are not final yet. Each loses nothing and say
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import socket
@@ -22,7 +23,13 @@ from orderbook_pipelines.ingestion.ranges import RangeNotFinal, ranges_up_to
 from orderbook_pipelines.storage.db import engine_for
 from orderbook_pipelines.storage.writer import ReorgDetected
 from tests.conftest import Anvil, DevChain, make_devchain
-from tests.rpc_proxy import RpcProxy, fail_get_logs_after, rate_limited_first, too_many_results_above
+from tests.rpc_proxy import (
+    RpcProxy,
+    fail_get_logs_after,
+    rate_limited_first,
+    too_many_results_above,
+    too_many_results_over,
+)
 
 
 def _count(db: str, sql: str, **params: object) -> int:
@@ -44,7 +51,50 @@ def test_too_many_results_splits_the_window_and_misses_nothing(simulated_chain: 
     assert len(direct) > 1000
     assert got == direct
     assert client.stats["range_splits"] >= 4  # 100 -> 50 -> 25 -> 12 -> 6
-    assert client.logs_window <= 100
+    assert proxy.windows[:5] == [(100, True), (50, True), (25, True), (12, True), (6, False)]
+    assert all(w > 7 for w, refused in proxy.windows if refused)
+    assert all(w <= 7 for w, refused in proxy.windows if not refused)  # what got through obeyed the provider
+    assert sum(w for w, refused in proxy.windows if not refused) == end - start + 1  # each block asked once
+
+
+def _counter(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_the_window_shrinks_on_a_result_cap_and_grows_back_after_successes(small_chain: DevChain) -> None:
+    """A provider that caps the number of logs an answer may hold (the node's real answer is counted): busy blocks
+    halve the window until it fits, quiet blocks double it back to the configured maximum."""
+    anvil = small_chain.anvil
+    start = small_chain.config.chain.start_block
+    Simulator(anvil.w3, small_chain.dep, seed=5, traders=4).run_batches(160, per_block=40)  # 4 busy blocks
+    anvil.mine(200)  # then quiet ones
+    end = anvil.w3.eth.block_number
+    direct = ChainClient(anvil.url).get_logs(start, end, _addresses(small_chain))
+    per_block: dict[str, int] = {}
+    for lg in direct:
+        per_block[lg["blockNumber"]] = per_block.get(lg["blockNumber"], 0) + 1
+    cap = max(per_block.values())  # one block always fits; two busy blocks never do
+    assert sorted(per_block.values())[-2] * 2 > cap > 50
+    maximum = 64
+    refused_before = _counter("obp_rpc_getlogs_refused_total")
+    with RpcProxy(anvil.url, answer_fault=too_many_results_over(cap)) as proxy:
+        client = ChainClient(proxy.url, max_logs_range=maximum)
+        got = client.get_logs(start, end, _addresses(small_chain))
+    assert got == direct
+    windows = proxy.windows
+    refusals = [i for i, (_, refused) in enumerate(windows) if refused]
+    assert windows[0] == (maximum, True) and len(refusals) >= 2
+    assert _counter("obp_rpc_getlogs_refused_total") - refused_before == len(refusals) == client.stats["range_splits"]
+    asked = 0
+    for (size, refused), (nxt, _) in itertools.pairwise(windows):  # the rule, step by step
+        asked += 0 if refused else size
+        left = end - start + 1 - asked
+        assert nxt == (max(1, size // 2) if refused else min(maximum, 2 * size, left)), windows
+    assert min(size for size, _ in windows) < maximum // 4  # it really shrank ...
+    after = [size for size, refused in windows[refusals[-1] + 1:]]
+    assert after.count(maximum) >= 2 and client.logs_window == maximum, windows  # ... and grew back to the maximum
 
 
 def test_rate_limits_are_retried_with_backoff(simulated_chain: DevChain) -> None:

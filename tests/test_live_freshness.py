@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,21 +27,8 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.live.service import ServiceOptions, describe_failure, node_address
 from orderbook_pipelines.storage import checkpoints
 from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import Anvil, DevChain, make_devchain, new_database, sample_config
+from tests.conftest import Anvil, DevChain, eventually, make_devchain, new_database, sample_config
 from tests.live_harness import running_service, wait_until_current
-
-
-def _eventually(probe: Callable[[], Any], ok: Callable[[Any], bool], timeout: float, what: str) -> Any:
-    """Poll `probe` until `ok(result)`; the last result is in the failure message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if ok(got):
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {got!r} after {timeout:.0f}s")
-        time.sleep(0.2)
-
 
 # -- freshness ---------------------------------------------------------------------------------------------
 
@@ -116,10 +102,10 @@ def test_rest_history_names_the_ingested_block_it_is_complete_to(gapped: tuple) 
         def same(v: Any) -> bool:
             return bool(v == frontier)
 
-        _eventually(lambda: as_of("/api/trades", {"market": market}), same, 15, "trades as_of")
-        _eventually(lambda: as_of("/api/orders", {"market": market}), same, 15, "orders as_of")
-        _eventually(lambda: as_of("/api/markets/summary", {}), same, 20, "summary as_of")
-        lag = _eventually(lambda: httpx.get(f"{base}/health").json(), lambda h: h["ingested_block"] == frontier,
+        eventually(lambda: as_of("/api/trades", {"market": market}), same, 15, "trades as_of")
+        eventually(lambda: as_of("/api/orders", {"market": market}), same, 15, "orders as_of")
+        eventually(lambda: as_of("/api/markets/summary", {}), same, 20, "summary as_of")
+        lag = eventually(lambda: httpx.get(f"{base}/health").json(), lambda h: h["ingested_block"] == frontier,
                           15, "health")["ingestion_lag_blocks"]
         assert lag == chain.anvil.w3.eth.block_number - frontier
 
@@ -167,22 +153,22 @@ def test_service_answers_health_while_the_node_is_down_and_becomes_ready_when_it
         assert depth.status_code == 503 and depth.json()["error"]["code"] == "not_ready"
         assert where in depth.json()["error"]["message"]
         # still retrying in the background, not given up
-        _eventually(lambda: service.start_attempts, lambda n: n >= 3, 30, "start attempts")
+        eventually(lambda: service.start_attempts, lambda n: n >= 3, 30, "start attempts")
         try:
             node = Anvil(port=port)  # the node that was down comes up where it is expected
-            _eventually(lambda: httpx.get(f"{base}/ready", timeout=5).status_code, lambda s: s == 200, 60,
+            eventually(lambda: httpx.get(f"{base}/ready", timeout=5).status_code, lambda s: s == 200, 60,
                         "/ready after the node came up")
             h = httpx.get(f"{base}/health", timeout=5).json()
             assert (h["status"], h["ready"], h["reason"]) == ("ok", True, "current")
             node.w3.provider.make_request("anvil_mine", ["0x3"])  # type: ignore[arg-type]
             head = node.w3.eth.block_number
-            _eventually(lambda: httpx.get(f"{base}/health", timeout=5).json()["applied_block"],
+            eventually(lambda: httpx.get(f"{base}/health", timeout=5).json()["applied_block"],
                         lambda b: b == head, 30, "applied block")
             assert httpx.get(f"{base}/api/depth", params={"market": "SILVER_V1"}, timeout=5).status_code == 200
 
             node.stop()  # and down again: /ready stops claiming the book is current, /health says why
             node = None
-            r = _eventually(lambda: httpx.get(f"{base}/ready", timeout=5), lambda r: r.status_code == 503, 30,
+            r = eventually(lambda: httpx.get(f"{base}/ready", timeout=5), lambda r: r.status_code == 503, 30,
                             "/ready after the node went away")
             assert where in r.json()["reason"], r.text
             h = httpx.get(f"{base}/health", timeout=5).json()

@@ -71,8 +71,10 @@ def test_clients_follow_the_chain_through_reorgs_and_end_equal_to_the_contract(c
             assert c.levels() == (bids, asks), f"{c.market} depth {c.depth} interval {c.interval_ms}"
             assert c.gaps == 0 and c.checksum_failures == 0, (c.market, c.gaps, c.checksum_failures)
         assert sum(c.deltas for c in clients) > 100
-        # Coalescing merges changes: fewer deltas than the per-block stream of the same markets.
-        assert sum(c.deltas for c in coalesced) < sum(c.deltas for c in clients)
+        # Coalescing merges changes, never adds any: at most the per-block stream's deltas (fewer when blocks come
+        # faster than the window, which a loaded machine does not guarantee; tests/test_live_hub.py merges with a
+        # held clock).
+        assert sum(c.deltas for c in coalesced) <= sum(c.deltas for c in clients)
         depth = httpx.get(f"http://{url}/api/depth", params={"market": "SILVER_V1", "levels": 50}).json()
         bids, asks = contract_levels(chain, "SILVER_V1", 50)
         assert [[int(p), int(q)] for p, q in depth["bids"]] == [list(x) for x in bids]

@@ -1,4 +1,5 @@
-"""Every `orderbook …` command shown in a runbook exists: its `--help` exits 0 and its arguments parse.
+"""Every runbook has the same five sections, and every `orderbook …` command shown in one exists: its `--help`
+exits 0 and its arguments parse (tests/test_operations.py runs each of them against a real chain and database).
 
 So a renamed command or option breaks the build instead of an operator at 3 a.m."""
 
@@ -67,8 +68,39 @@ def test_a_rotten_command_would_be_caught() -> None:
     assert CliRunner().invoke(app, [*path, "promte", "--help"]).exit_code != 0
 
 
-def test_runbooks_follow_the_format() -> None:
-    for path in RUNBOOKS:
-        heads = re.findall(r"^## (\w+)", path.read_text(), re.M)
-        assert heads[:5] == ["Symptom", "Impact", "Diagnose", "Fix", "Verify"] or path.name not in {
-            "reorg-handling.md", "canary-markets.md", "backfill.md"}, (path.name, heads)
+SECTIONS = ["Symptom", "Impact", "Diagnose", "Fix", "Verify"]
+
+
+def format_problems(name: str, text: str) -> list[str]:
+    """What keeps a runbook from the one format every runbook follows: a title, then exactly the five sections
+    in order, none empty, with Diagnose and Fix showing something to run (a fenced block)."""
+    problems = []
+    if not text.startswith("# Runbook: "):
+        problems.append(f"{name}: the first line is not `# Runbook: <title>`")
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    heads = [p.split("\n", 1)[0].strip() for p in parts]
+    if heads != SECTIONS:
+        problems.append(f"{name}: sections {heads}, expected {SECTIONS}")
+    for head, part in zip(heads, parts, strict=False):
+        body = part.split("\n", 1)[1].strip() if "\n" in part else ""
+        if not body:
+            problems.append(f"{name}: section {head} is empty")
+        if head in ("Diagnose", "Fix") and "```" not in body:
+            problems.append(f"{name}: section {head} shows nothing to run (no fenced block)")
+    return problems
+
+
+def test_every_runbook_follows_the_format() -> None:
+    assert len(RUNBOOKS) >= 8, [p.name for p in RUNBOOKS]
+    problems = [p for path in RUNBOOKS for p in format_problems(path.name, path.read_text())]
+    assert not problems, problems
+
+
+def test_the_format_check_catches_a_broken_runbook() -> None:
+    good = RUNBOOKS[0].read_text()
+    assert format_problems("good.md", good) == []
+    assert format_problems("x.md", good.replace("## Verify", "## Afterwards"))  # renamed section
+    assert format_problems("x.md", good.replace("## Impact", "## Tmp").replace("## Symptom", "## Impact")
+                           .replace("## Tmp", "## Symptom"))  # swapped order
+    fix = good.index("## Fix")
+    assert format_problems("x.md", good[:fix] + "## Fix\nJust fix it.\n\n" + good[good.index("## Verify"):])

@@ -141,7 +141,7 @@ def test_analyst_reads_only_the_analytics_views_in_human_units(world: dict) -> N
         for table in ("trades", "orders", "positions", "order_events", "markets"):
             assert _denied(c, f"SELECT 1 FROM {table} LIMIT 1"), table
         assert _denied(c, "DELETE FROM trades")
-    assert got == expected
+    assert got == expected and expected
     per_market: dict[str, int] = {}
     for market, *_ in raw:
         per_market[market] = per_market.get(market, 0) + 1
@@ -149,12 +149,16 @@ def test_analyst_reads_only_the_analytics_views_in_human_units(world: dict) -> N
 
 
 def test_user_role_reads_only_its_own_orders_and_positions(world: dict) -> None:
-    traders = [r[0] for r in _owner_rows(world["owner"], "SELECT trader FROM orders GROUP BY trader ORDER BY 1")]
+    # Two traders with orders *and* positions: every count below is > 0, so an empty answer (a policy that
+    # hides everything) cannot pass for the right one.
+    traders = [r[0] for r in _owner_rows(world["owner"], "SELECT o.trader FROM orders o JOIN positions p USING "
+                                                         "(trader) GROUP BY o.trader ORDER BY 1")]
     assert len(traders) >= 2
     a, b = traders[0], traders[1]
     own = {t: (_owner_rows(world["owner"], "SELECT count(*) FROM orders WHERE trader = :t", {"t": t})[0][0],
                _owner_rows(world["owner"], "SELECT count(*) FROM positions WHERE trader = :t", {"t": t})[0][0])
            for t in (a, b)}
+    assert all(n > 0 for counts in own.values() for n in counts), own
     with world["logins"].connect("obp_user") as c:
         assert c.execute("SELECT count(*) FROM orders").fetchone()[0] == 0  # no identity: nothing
         c.execute("SELECT set_config('obp.trader', %s, false)", (a.upper().replace("0X", "0x"),))
@@ -167,7 +171,7 @@ def test_user_role_reads_only_its_own_orders_and_positions(world: dict) -> None:
         c.execute("SELECT set_config('obp.trader', '', false)")
         c.execute("SELECT set_config('request.jwt.claims', %s, false)", (json.dumps({"sub": b, "role": "x"}),))
         assert c.execute("SELECT count(*) FROM orders").fetchone()[0] == own[b][0]
-        assert c.execute("SELECT DISTINCT trader FROM positions").fetchall() in ([(b,)], [])
+        assert c.execute("SELECT DISTINCT trader FROM positions").fetchall() == [(b,)]
         assert c.execute("SELECT count(*) FROM positions").fetchone()[0] == own[b][1]
         assert _denied(c, "SELECT 1 FROM trades LIMIT 1")
         assert _denied(c, "SELECT 1 FROM order_events LIMIT 1")

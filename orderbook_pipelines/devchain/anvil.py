@@ -47,7 +47,11 @@ class Anvil:
         return resp.get("result")
 
     def mine(self, n: int = 1) -> None:
-        self.rpc("anvil_mine", hex(n))
+        # in steps: thousands of blocks in one call can outlast the RPC timeout on a loaded machine
+        while n > 0:
+            step = min(n, 500)
+            self.rpc("anvil_mine", hex(step))
+            n -= step
 
     def stop(self) -> None:
         self.proc.terminate()

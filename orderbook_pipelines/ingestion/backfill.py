@@ -8,14 +8,19 @@ lock), which is also how a Dagster backfill with `max_concurrent_runs` > 1 runs 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from orderbook_pipelines import obs
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.ingestion.ingest import RangeReport, ingest_range
@@ -33,11 +38,23 @@ class RangeOutcome:
 _worker: tuple[ProjectConfig, ChainClient, Engine] | None = None
 
 
-def _init(config: ProjectConfig, database_url: str) -> None:
+def _init(config: ProjectConfig, database_url: str, log: bool = False) -> None:
+    """`log`: the parent logs (a command), so a spawned worker writes the same JSON lines (range summaries)."""
     global _worker
-    if mp.parent_process() is not None:  # a pool worker: Ctrl-C is the parent's to handle (it cancels the pool)
+    parent = mp.parent_process()
+    if parent is not None:  # a pool worker: Ctrl-C is the parent's to handle (it cancels the pool)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if log:
+            obs.bootstrap()
+        threading.Thread(target=_die_with_parent, args=(parent.sentinel,), daemon=True).start()
     _worker = (config, ChainClient.from_config(config.chain), engine_for(database_url))
+
+
+def _die_with_parent(sentinel: int) -> None:
+    """A parent killed outright (SIGKILL, the OOM killer) cannot cancel the pool: without this its workers live on
+    as orphans holding database sessions. The worker dies too; its in-flight range commits nothing."""
+    mp_connection.wait([sentinel])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run(bounds: tuple[int, int], run_id: str | None = None, upto: int | None = None) -> RangeOutcome:
@@ -64,7 +81,8 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
             yield _run(r, run_id, upto)
         return
     ctx = mp.get_context("spawn")  # no fork of a process holding connections and threads
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(config, database_url)) as pool:
+    log = bool(logging.getLogger().handlers)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(config, database_url, log)) as pool:
         futures = [pool.submit(_run, r, run_id, upto) for r in ranges]
         try:
             for f in futures:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from orderbook_pipelines.book.model import BookEvent, order_key
 from orderbook_pipelines.chain.normalize import OrderEventRow
@@ -28,6 +28,8 @@ from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, Marke
 from orderbook_pipelines.storage import registry as reg_store
 
 log = logging.getLogger(__name__)
+
+PUBLISHED_WINDOW = 100_000  # blocks: how far back a rebuild can tell which published rows a reorg voided
 
 
 @dataclass
@@ -74,6 +76,10 @@ class Follower:
         self.owned: set[int] | None = None
         self._wanted: set[int] | None = None
         self._wanted_lock = threading.Lock()
+        # number -> hash of the blocks whose rows (trades, order events) went out, newest PUBLISHED_WINDOW blocks:
+        # after a rebuild, `reverted` must void exactly the published blocks the chain no longer has
+        self._published: dict[int, str] = {}
+        self._rebuild_from: int | None = None  # a rebuild (`void_from`) not completed yet
 
     # -- registry -------------------------------------------------------------------------------------------
     def refresh_registry(self, force: bool = False) -> None:
@@ -81,48 +87,79 @@ class Follower:
             return
         cid = self.config.chain.chain_id
         with self.engine.begin() as conn:
-            # configured markets change with a restart; later refreshes only pick up new rows
-            self._reader = EventReader.load(conn, self.config, sync_markets=force)
+            # configured markets change with a restart; later refreshes only pick up new rows. A read-only role
+            # (obp_api, docs/security.md) reads the registry as ingestion wrote it.
+            sync = force and bool(conn.execute(text("SELECT has_table_privilege('markets', 'INSERT')")).scalar())
+            self._reader = EventReader.load(conn, self.config, sync_markets=sync)
             self.market_names = reg_store.market_names(conn, cid)
         self._registry_at = time.monotonic()
 
     # -- start ----------------------------------------------------------------------------------------------
-    def cold_start(self) -> None:
-        """Books at the highest fully stored final block, then every block after it up to the head."""
+    def cold_start(self, void_from: int | None = None) -> None:
+        """Books at the highest fully stored final block, then every block after it up to the head.
+
+        `void_from` (a rebuild after a reorg): the rows of blocks >= it that went out are void; the books are then
+        built at the block before it at the latest, and the update carries `reverted_from` and the rows of every
+        block re-read since, so trades/orders subscribers end with exactly the new branch's rows."""
         t0 = time.perf_counter()
         self.refresh_registry(force=True)
         c = self.config.chain
         h, h_hash = final_height(self.engine, c.chain_id, c.start_block)
-        owned = self.owned
-        books = books_at(self.engine, c.chain_id, h, c.start_block, owned)
         header = self.client.header(max(h, 0))
         if h_hash is not None and header.hash != h_hash:
             raise DeepReorg(f"stored final block {h} ({h_hash}) is not on the chain ({header.hash}): "
                             "run reconciliation before starting the live service")
+        if void_from is not None and void_from <= h:  # below a block on the chain: the branch is the chain's
+            h = void_from - 1
+            header = self.client.header(max(h, 0))
+        elif void_from is not None:  # nothing published at or below the stored frontier was lost
+            void_from = h + 1
+        owned = self.owned
+        books = books_at(self.engine, c.chain_id, h, c.start_block, owned)
         self.books.load(books, BlockRef(header.number, header.hash, header.parent_hash))
-        self._catch_up_final()
+        rows = self._catch_up_final()
         self.stats.cold_start_s = time.perf_counter() - t0
         self.stats.cold_start_block = self.books.head.number if self.books.head else -1
         markets = sorted(set(self.books.books) | (set(self.market_names) if owned is None else owned))
-        self.on_update(Update("reset", [self.books.view(m) for m in markets]))
-
-    def _catch_up_final(self) -> None:
-        """Blocks already final on chain but not in Postgres: one ranged getLogs, applied without undo logs."""
-        assert self.books.head is not None
-        safe = self.client.safe_head(self.config.chain.finality, self.config.chain.confirmations)
-        start = self.books.head.number + 1
-        if safe < start:
+        self._rebuild_from = None
+        if void_from is None:
+            self.on_update(Update("reset", [self.books.view(m) for m in markets]))
             return
-        assert self._reader is not None
-        logs = self._reader.fetch(self.client, start, safe)
-        by_block: dict[int, list[dict]] = defaultdict(list)
-        for lg in logs:
-            by_block[int(lg["blockNumber"], 16)].append(lg)
-        headers = self.client.headers(sorted(set(by_block) | {safe}))
+        for n in [n for n in self._published if n >= void_from]:
+            del self._published[n]
+        for r in rows:
+            self._published[r.block_number] = r.block_hash
+        self.on_update(Update("reset", [self.books.view(m) for m in markets], rows, reverted_from=void_from))
+
+    def _catch_up_final(self) -> list[OrderEventRow]:
+        """Blocks already final on chain but not in Postgres: one ranged getLogs, applied without undo logs.
+        Returns the rows applied (of owned markets)."""
+        assert self.books.head is not None and self._reader is not None
+        start = self.books.head.number + 1
+        for _attempt in range(5):
+            safe = self.client.safe_head(self.config.chain.finality, self.config.chain.confirmations)
+            if safe < start:
+                return []
+            # The logs and the headers are separate reads: pin the safe block's hash around them, or a reorg in
+            # between leaves books of one branch under the head of another (and no parent hash would disagree).
+            pinned = self.client.header(safe).hash
+            by_block: dict[int, list[dict]] = defaultdict(list)
+            for lg in self._reader.fetch(self.client, start, safe):
+                by_block[int(lg["blockNumber"], 16)].append(lg)
+            headers = self.client.headers(sorted(set(by_block) | {safe}))
+            if headers[safe].hash == pinned and all(lg["blockHash"].lower() == headers[n].hash
+                                                    for n, lgs in by_block.items() for lg in lgs):
+                break
+            log.warning("the chain changed while the live books caught up to block %d; reading it again", safe)
+        else:
+            raise DeepReorg(f"the chain kept changing while the live books caught up from block {start}")
+        out: list[OrderEventRow] = []
         for n in sorted(by_block):
             rows = self._rows(by_block[n])
             self.books.apply_block(_ref(headers[n]), self._events(rows, self.owned), final=True)
+            out += [r for r in rows if r.market_id is not None and (self.owned is None or r.market_id in self.owned)]
         self.books.head = _ref(headers[safe])
+        return out
 
     # -- follow ---------------------------------------------------------------------------------------------
     def set_owned(self, markets: set[int]) -> None:
@@ -175,12 +212,15 @@ class Follower:
     def step(self, max_blocks: int = 500) -> int:
         """Process what the chain has now; returns the number of blocks applied."""
         self.refresh_registry()
+        if self._rebuild_from is not None:  # a rebuild that failed midway (node, Postgres): again, before anything
+            self.cold_start(void_from=self._rebuild_from)
         assert self.books.head is not None
         self._sync_ownership()
-        head = self.client.block_number()
+        tip = self.client.header("latest")  # number and hash: a reorg to a branch of equal length changes only the hash
+        head = tip.number
         self.stats.head_seen = head
         applied = 0
-        if head < self.books.head.number:
+        if head < self.books.head.number or (head == self.books.head.number and tip.hash != self.books.head.hash):
             self._reorg(head)
         n = self.books.head.number + 1
         while n <= head and applied < max_blocks:
@@ -195,6 +235,8 @@ class Follower:
             if self.owned is not None:
                 rows = [r for r in rows if r.market_id in self.owned]
             touched = self.books.apply_block(_ref(hdr), self._events(rows, self.owned))
+            if rows:
+                self._remember_published(hdr.number, hdr.hash)
             self.stats.blocks += 1
             applied += 1
             if touched or rows:
@@ -224,6 +266,8 @@ class Follower:
         except DeepReorg as exc:
             self._reset(str(exc))
             return
+        for n in [n for n in self._published if n > k]:
+            del self._published[n]
         self.stats.reorgs += 1
         self.stats.max_reorg_depth = max(self.stats.max_reorg_depth, depth)
         metrics.REORGS.inc()
@@ -234,7 +278,30 @@ class Follower:
     def _reset(self, why: str) -> None:
         log.error("live books reset: %s", why)
         self.stats.resets += 1
-        self.cold_start()
+        first = self._first_replaced()
+        self._rebuild_from = first if self._rebuild_from is None else min(first, self._rebuild_from)
+        self.cold_start(void_from=self._rebuild_from)
+
+    def _remember_published(self, number: int, block_hash: str) -> None:
+        self._published[number] = block_hash
+        while self._published and next(iter(self._published)) < number - PUBLISHED_WINDOW:
+            del self._published[next(iter(self._published))]
+
+    def _first_replaced(self) -> int:
+        """One above the newest block whose rows went out and which the chain still has (hashes chain, so every
+        older one is still there too): the first block whose published rows may be void."""
+        head = self.client.block_number()
+        numbers = sorted(self._published, reverse=True)
+        for i in range(0, len(numbers), 200):
+            chunk = [n for n in numbers[i : i + 200] if n <= head]
+            on_chain = self.client.headers(chunk) if chunk else {}
+            for n in chunk:
+                if on_chain[n].hash == self._published[n]:
+                    return n + 1
+        if numbers:  # every remembered block was replaced
+            return numbers[-1]
+        assert self.books.head is not None
+        return self.books.head.number + 1  # nothing published: only blocks after the stored frontier are re-read
 
     def run(self) -> None:
         """Thread body: follow until stopped; transient RPC trouble is logged and retried."""

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from orderbook_pipelines import obs
-from orderbook_pipelines.chain.rpc import ChainClient, RpcError
+from orderbook_pipelines.chain.rpc import ChainClient, RpcError, WrongChain
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.api import FRONTIER_MAX_AGE_S, Api
@@ -44,6 +44,10 @@ from orderbook_pipelines.live.http_log import RequestLog
 from orderbook_pipelines.live.hub import Hub, Limits
 from orderbook_pipelines.live.node import ClusterNode
 from orderbook_pipelines.live.openapi import SPEC
+from orderbook_pipelines.live.pusher import PusherSettings
+from orderbook_pipelines.live.pusher_channels import PusherChannels
+from orderbook_pipelines.live.pusher_ws import PusherEndpoint
+from orderbook_pipelines.live.pusher_ws import auth as pusher_auth
 from orderbook_pipelines.live.redis_tier import RedisTier
 from orderbook_pipelines.live.ws import WsEndpoint
 from orderbook_pipelines.quality.canary import publishable_market_ids
@@ -87,6 +91,8 @@ def describe_failure(exc: BaseException, node: str) -> str:
     while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
         seen.add(id(nxt))
         root = nxt
+    if isinstance(exc, WrongChain):  # names both ids and the node already
+        return str(exc)
     if isinstance(exc, RpcError):
         if isinstance(root, OSError) and type(root).__module__ in ("builtins", "socket", "ssl"):
             return f"RPC node {node} unreachable: {root}"
@@ -121,6 +127,8 @@ class LiveService:
         self.redis = RedisTier(redis_url, redis_prefix) if redis_url else None
         self.follower = Follower(config, self.client, engine, self._from_follower, self.options.keep_blocks,
                                  self.options.poll_s)
+        self.pusher = PusherChannels(self.hub, PusherSettings.resolve(config.pusher))  # /app/{key}
+        self.pusher.attach(self.follower.books)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.first_book_s: float | None = None
@@ -137,6 +145,7 @@ class LiveService:
         self.fatal_error: str | None = None  # the hand-over to serving failed: only a restart helps
         self.rpc_error: str | None = None  # the background probe's last failure; None once the node answers
         self.rpc_failing_since: float | None = None
+        self.wrong_chain: str | None = None  # the node serves another chain: no books are served until it is fixed
         self._t0 = time.perf_counter()
         self._first_attempt = threading.Event()
         self._stopping = threading.Event()
@@ -154,10 +163,12 @@ class LiveService:
             metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
             return
         assert self.loop is not None
+        self.pusher.prepare(update)  # order states while the books are at this update's block
         self.loop.call_soon_threadsafe(self._on_loop, update)  # clients first; the Redis copy does not delay them
         if self.redis is not None:
             try:
-                self.redis.write(update, self.hub.names, self.follower.books)
+                # the follower's names: the hub learns them only after the cold start's first (reset) update
+                self.redis.write(update, self.follower.market_names, self.follower.books)
             except Exception:  # Redis is a cache: the book stays served from memory
                 log.exception("redis write-through failed")
         metrics.APPLIED_HEAD.set(self.follower.books.head.number if self.follower.books.head else -1)
@@ -170,7 +181,8 @@ class LiveService:
 
     def _refresh_markets(self) -> None:
         names = self.follower.market_names
-        self.hub.set_markets(names, publishable_markets(self.engine))
+        # A node of another chain: nothing is publishable (new WebSocket subscriptions are refused too).
+        self.hub.set_markets(names, publishable_markets(self.engine) if self.wrong_chain is None else set())
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,6 +204,8 @@ class LiveService:
             except Exception as exc:  # node or Postgres down: /health and /ready say so, and we try again
                 self.start_failures += 1
                 self.start_error = describe_failure(exc, self.rpc_node)
+                if isinstance(exc, WrongChain):
+                    self.wrong_chain = self.start_error
                 log.warning("live: start attempt %d failed: %s; next attempt in %.1fs", self.start_attempts,
                             self.start_error, delay)
                 self._first_attempt.set()
@@ -276,11 +290,14 @@ class LiveService:
                 head = await asyncio.to_thread(self.probe.block_number)
             except Exception as exc:
                 self.rpc_error = describe_failure(exc, self.rpc_node)
+                if isinstance(exc, WrongChain) and self.wrong_chain is None:
+                    self.wrong_chain = self.rpc_error
+                    self._refresh_markets()
                 if self.rpc_failing_since is None:
                     self.rpc_failing_since = time.monotonic()
             else:
                 self.probed_head = head
-                self.rpc_error = self.rpc_failing_since = None
+                self.rpc_error = self.rpc_failing_since = self.wrong_chain = None
             await asyncio.sleep(1.0)
 
     async def _refresh_loop(self) -> None:
@@ -338,6 +355,8 @@ class LiveService:
         return self._ready(self._state())
 
     def _not_started(self) -> str | None:
+        if self.wrong_chain is not None:  # at start or after a reconnect: no book is served, whatever is held
+            return self.wrong_chain
         if self.started.is_set():
             return None
         if self.fatal_error is not None:
@@ -384,6 +403,12 @@ class LiveService:
             return JSONResponse({"ready": ok, "reason": why}, status_code=200 if ok else 503)
 
         async def prom(_: Request) -> Response:
+            # The head gauges as of this scrape: a block without book events sends no update, yet it is applied.
+            h = self._state()
+            if h["applied_block"] is not None:
+                metrics.APPLIED_HEAD.set(h["applied_block"])
+            if h["chain_head"] >= 0:
+                metrics.CHAIN_HEAD.set(h["chain_head"])
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
         async def openapi(_: Request) -> Response:
@@ -412,6 +437,9 @@ class LiveService:
             log.warning("publishers %s for %s", "paused" if paused else "resumed", market or "all markets")
             return JSONResponse({"paused": self.health()["paused"]})
 
+        async def pusher_auth_route(request: Request) -> Response:
+            return await pusher_auth(request, self.pusher.settings)
+
         @contextlib.asynccontextmanager
         async def lifespan(_: Starlette) -> AsyncIterator[None]:
             await self.start()
@@ -427,6 +455,9 @@ class LiveService:
             Route("/api/depth", api.timed("/api/depth", api.depth)),
             Route("/api/trades", api.timed("/api/trades", api.trades)),
             Route("/api/orders", api.timed("/api/orders", api.orders)),
+            Route("/api/compat/orders", api.timed("/api/compat/orders", api.compat_orders)),
+            WebSocketRoute("/app/{key}", PusherEndpoint(self.hub, self.pusher).serve),
+            Route("/pusher/auth", api.timed("/pusher/auth", pusher_auth_route), methods=["POST"]),
             Route("/api/markets/summary", api.timed("/api/markets/summary", api.summary)),
             Route("/health", health), Route("/ready", ready), Route("/metrics", prom),
             Route("/openapi.json", openapi), Route("/admin/pause", pause, methods=["POST"]),
