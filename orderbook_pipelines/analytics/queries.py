@@ -74,10 +74,10 @@ SELECT market_id, day, sum(leg) AS trades, sum(CASE WHEN leg = 1 THEN quantity E
        count(DISTINCT CASE WHEN leg = 1 THEN trader END) AS buyers,
        count(DISTINCT CASE WHEN leg = 0 THEN trader END) AS sellers
 FROM (SELECT market_id, day, buyer AS trader, 1 AS leg, quantity, notional FROM trades_fact
-      WHERE market_id = {market_id}
+      WHERE market_id = {market_id} AND ts >= {since_ts}
       UNION ALL
       SELECT market_id, day, seller AS trader, 0 AS leg, quantity, notional FROM trades_fact
-      WHERE market_id = {market_id}) AS legs
+      WHERE market_id = {market_id} AND ts >= {since_ts}) AS legs
 GROUP BY market_id, day
 ORDER BY day
 """
@@ -86,19 +86,22 @@ OHLC_FROM_TRADES_SQL = """
 SELECT '{grain}' AS grain, ts - ts % {secs} AS bucket_ts, argMin(price, block_number * 1000000 + log_index) AS open,
        max(price) AS high, min(price) AS low, argMax(price, block_number * 1000000 + log_index) AS close,
        sum(quantity) AS volume, count(*) AS trades
-FROM trades_fact WHERE market_id = {market_id}
+FROM trades_fact WHERE market_id = {market_id} AND ts >= {since_ts}
 GROUP BY ts - ts % {secs}
 """
 
 
-def market_daily(sink: AnalyticsSink, market_id: int) -> pl.DataFrame:
-    """Per-day trades, base volume, notional and distinct traders (buyers or sellers) of one market."""
-    return sink.query(MARKET_DAILY_SQL.format(market_id=_int(market_id)))
+def market_daily(sink: AnalyticsSink, market_id: int, since_ts: int = 0) -> pl.DataFrame:
+    """Per-day trades, base volume, notional and distinct traders (buyers or sellers) of one market (from the
+    day-aligned epoch second `since_ts` on: an incremental load)."""
+    return sink.query(MARKET_DAILY_SQL.format(market_id=_int(market_id), since_ts=_int(since_ts)))
 
 
-def ohlc_from_trades(sink: AnalyticsSink, market_id: int) -> pl.DataFrame:
-    """OHLCV recomputed by the engine from the fact table: the asset check compares candles against it."""
-    parts = [sink.query(OHLC_FROM_TRADES_SQL.format(grain=name, secs=secs, market_id=_int(market_id)))
+def ohlc_from_trades(sink: AnalyticsSink, market_id: int, since_ts: int = 0) -> pl.DataFrame:
+    """OHLCV recomputed by the engine from the fact table (windows from the day-aligned `since_ts` on): the asset
+    check compares candles against it."""
+    parts = [sink.query(OHLC_FROM_TRADES_SQL.format(grain=name, secs=secs, market_id=_int(market_id),
+                                                    since_ts=_int(since_ts)))
              for name, secs in INTERVALS.items()]
     parts = [p for p in parts if p.height]
     return pl.concat(parts) if parts else pl.DataFrame()

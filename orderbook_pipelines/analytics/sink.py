@@ -1,6 +1,8 @@
 """One sink interface, two engines: DuckDB (a local file, the default) and ClickHouse (clickhouse-connect).
 
-Every load replaces one market's rows (delete-then-insert), so re-materializing a partition is idempotent.
+Every load replaces one market's rows (delete-then-insert), all of them or those from a key on (`since`: what an
+incremental load rewrote), so re-materializing a partition is idempotent. `analytics_loads` records how far each
+market's tables are loaded (analytics/incremental.py).
 ClickHouse tables are additionally ReplacingMergeTree on their natural key, so even an interrupted
 delete/insert pair converges once parts merge. Schemas are declared once here with portable logical types.
 """
@@ -14,7 +16,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -82,7 +84,34 @@ MARKET_DAILY = Table(
      ("traders", "i64"), ("buyers", "i64"), ("sellers", "i64")),
     ("market_id", "day"), "day",
 )
-TABLES = {t.name: t for t in (TRADES, CANDLES, LIQUIDITY, MARKET_DAILY)}
+# One row per (market, loaded table): the trades block it covers, and for trades the Postgres snapshot it read.
+LOADS = Table(
+    "analytics_loads",
+    (("market_id", "i32"), ("name", "str"), ("block", "i64"), ("snapshot", "str"), ("ranges", "i64"),
+     ("loaded_at", "ts")),
+    ("market_id", "name"), "loaded_at",
+)
+TABLES = {t.name: t for t in (TRADES, CANDLES, LIQUIDITY, MARKET_DAILY, LOADS)}
+
+Since = tuple[str, int | date]  # (column, lowest value kept for replacement): rows with column >= value
+
+
+def where_market(market_id: int, since: Since | None = None, name: str | None = None) -> str:
+    """The WHERE text of a market's rows (from `since` on; of one load `name`), from validated values only."""
+    out = f"market_id = {int(market_id)}"
+    if since is not None:
+        col, v = since
+        if not col.isidentifier():
+            raise ValueError(f"bad column {col!r}")
+        if isinstance(v, date):
+            out += f" AND {col} >= CAST('{v.isoformat()}' AS DATE)"
+        else:
+            out += f" AND {col} >= {int(v)}"
+    if name is not None:
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"bad load name {name!r}")
+        out += f" AND name = '{name}'"
+    return out
 
 
 class AnalyticsSink(ABC):
@@ -93,9 +122,13 @@ class AnalyticsSink(ABC):
     @abstractmethod
     def ensure_schema(self) -> None: ...
 
+    def replace_market(self, table: Table, market_id: int, df: pl.DataFrame, since: Since | None = None) -> int:
+        """Delete the market's rows (those from `since` on), insert `df`; returns rows inserted."""
+        return self.replace_where(table, where_market(market_id, since), df)
+
     @abstractmethod
-    def replace_market(self, table: Table, market_id: int, df: pl.DataFrame) -> int:
-        """Delete the market's rows, insert `df` (columns in table order); returns rows inserted."""
+    def replace_where(self, table: Table, where: str, df: pl.DataFrame) -> int:
+        """Delete the rows matching `where` (built by where_market), insert `df`; returns rows inserted."""
 
     @abstractmethod
     def query(self, sql: str) -> pl.DataFrame: ...
@@ -148,14 +181,14 @@ class DuckDBSink(AnalyticsSink):
             cols = ", ".join(f'"{c}" {_TYPES[ty][0]}' for c, ty in t.columns)
             self.con.execute(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols})")
 
-    def replace_market(self, table: Table, market_id: int, df: pl.DataFrame) -> int:
+    def replace_where(self, table: Table, where: str, df: pl.DataFrame) -> int:
         df = _frame(df, table)
         path = self._tmp / f"{uuid.uuid4().hex}.parquet"
         df.write_parquet(path)  # polars -> Parquet -> DuckDB: columnar and exact (DECIMAL stays DECIMAL)
         cols = ", ".join(f'"{c}"' for c in table.names)
         try:
             self.con.execute("BEGIN")
-            self.con.execute(f"DELETE FROM {table.name} WHERE market_id = ?", [int(market_id)])
+            self.con.execute(f"DELETE FROM {table.name} WHERE {where}")
             if df.height:
                 self.con.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM read_parquet(?)", [str(path)])
             self.con.execute("COMMIT")
@@ -250,9 +283,9 @@ class ClickHouseSink(AnalyticsSink):
                                    f"{self.mutation_timeout_s:.0f}s")
             time.sleep(0.1)
 
-    def replace_market(self, table: Table, market_id: int, df: pl.DataFrame) -> int:
+    def replace_where(self, table: Table, where: str, df: pl.DataFrame) -> int:
         df = _frame(df, table)
-        self.client.command(f"ALTER TABLE {self.database}.{table.name} DELETE WHERE market_id = {int(market_id)}")
+        self.client.command(f"ALTER TABLE {self.database}.{table.name} DELETE WHERE {where}")
         self._wait_mutations(table.name)
         if df.height:
             # DateTime as epoch seconds: naive datetimes would otherwise be read in the client's local zone

@@ -49,14 +49,15 @@ SELECT t.market_id, {MARKET_NAME_SQL} AS metric_id, t.chain_id, t.block_number,
        (t.quantity / power(10::numeric, m.decimals))::numeric(38,18) AS quantity,
        t.buyer, t.seller
 FROM trades t JOIN markets m USING (market_id)
-WHERE t.market_id = :m
+WHERE t.market_id = :m AND t.block_number BETWEEN :lo AND :hi
 ORDER BY t.block_number, t.log_index
 """
 
 
-def extract_trades(conn: Connection, market_id: int) -> pl.DataFrame:
-    """One market's trades in chain order, with exact human-unit price/quantity computed by Postgres."""
-    res = conn.execute(text(_TRADES_SQL), {"m": market_id})
+def extract_trades(conn: Connection, market_id: int, from_block: int = 0, to_block: int = 2**62) -> pl.DataFrame:
+    """One market's trades in blocks [from_block, to_block] in chain order, with exact human-unit price/quantity
+    computed by Postgres."""
+    res = conn.execute(text(_TRADES_SQL), {"m": market_id, "lo": from_block, "hi": to_block})
     names = list(res.keys())
     rows = [tuple(r) for r in res]
     schema: dict[str, pl.DataType | type[pl.DataType]] = {

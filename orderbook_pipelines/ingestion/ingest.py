@@ -21,9 +21,10 @@ from orderbook_pipelines.gc_pause import gc_paused
 from orderbook_pipelines.ingestion import metrics as ingest_metrics
 from orderbook_pipelines.ingestion.ranges import RangeNotFinal
 from orderbook_pipelines.ingestion.reader import EventReader
+from orderbook_pipelines.ingestion.reorgs import record_detected
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.projections import RangeProjection, project_range
-from orderbook_pipelines.storage.writer import RangeWrite, write_range
+from orderbook_pipelines.storage.writer import RangeWrite, ReorgDetected, write_range
 
 __all__ = ["RangeNotFinal", "RangeReport", "ingest_range"]
 
@@ -59,7 +60,12 @@ def ingest_range(config: ProjectConfig, chain: ChainClient, engine: Engine, star
     """Ingest and project [start, end] up to min(end, safe head, `upto`) in one transaction (`conn`: the
     caller's, if given: reconciliation repairs a range inside its own)."""
     with gc_paused():  # ~100k parsed logs, args and rows per range, all acyclic (gc_pause.py)
-        return _ingest(config, chain, engine, start, end, run_id, conn, upto)
+        try:
+            return _ingest(config, chain, engine, start, end, run_id, conn, upto)
+        except ReorgDetected:
+            if conn is None:  # a deep reorg is an incident on record at once (a repair's own caller records it)
+                record_detected(config, chain, engine, start, end, run_id)
+            raise
 
 
 def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: int, end: int,
@@ -76,14 +82,14 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
 
     with _transaction(engine, given) as conn:
         reader = EventReader.load(conn, config)
-    logs = reader.fetch(chain, start, processed_to)
-    mark = ingest_metrics.stage("fetch", t0, logs=len(logs), head=head, safe_head=safe)
-    decoded, rejected = reader.decode(logs)
-    wanted = {start, processed_to} | ({start - 1} if start > 0 else set())
-    wanted |= {d.pos.block_number for d in decoded} | {r.pos.block_number for r in rejected if r.pos.block_number >= 0}
-    mark = ingest_metrics.stage("decode", mark, decoded=len(decoded), rejected=len(rejected))
-    headers = chain.headers(sorted(wanted))
-    mark = ingest_metrics.stage("headers", mark, blocks=len(headers))
+    t1 = time.perf_counter()
+    # Fetch and decode overlap (reader.read); the stages report this thread's waiting and decoding time.
+    read = reader.read(chain, start, processed_to, {start, processed_to} | ({start - 1} if start > 0 else set()))
+    decoded, rejected, headers = read.decoded, read.rejected, read.headers
+    mark = time.perf_counter()
+    ingest_metrics.stage("fetch", mark - (t1 - t0) - read.waited_s, logs=read.logs, head=head, safe_head=safe)
+    ingest_metrics.stage("decode", mark - read.decode_s, decoded=len(decoded), rejected=len(rejected))
+    ingest_metrics.stage("headers", mark, blocks=len(headers))
     faults.crash_point("fetched")
 
     with _transaction(engine, given) as conn:
@@ -108,7 +114,7 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         ingest_metrics.stage("project", mark, **asdict(projected))
     faults.crash_point("committed")
     return RangeReport(
-        range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=len(logs),
+        range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=read.logs,
         events=len(rows), events_inserted=result.events_inserted, rejected=len(rejected),
         unresolved_market=sum(1 for r in rows if r.market_id is None), markets_discovered=discovered,
         seconds=time.perf_counter() - t0, projection=projected,

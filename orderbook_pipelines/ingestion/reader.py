@@ -7,13 +7,15 @@ fetch the same contracts, decode with the same ABIs and resolve markets with the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection
 
 from orderbook_pipelines.chain.decoding import DecodedLog, Decoder, Rejected
 from orderbook_pipelines.chain.normalize import MarketRegistry, OrderEventRow, OrderMarkets, normalize
-from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.storage import registry
 
@@ -27,6 +29,24 @@ def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> di
         else:
             out.update({a.lower(): src.name for a in src.addresses})
     return out
+
+
+# Blocks per getLogs call of a pipelined read: small enough that the node serves the next window while this
+# process decodes the last one, large enough that a range costs a handful of calls.
+READ_WINDOW_BLOCKS = 250
+
+
+@dataclass
+class RangeRead:
+    """A range fetched and decoded, the headers of every block it needs, and where the time went."""
+
+    logs: int
+    decoded: list[DecodedLog]
+    rejected: list[Rejected]
+    headers: dict[int, BlockHeader]
+    waited_s: float = 0.0  # this thread waiting for the node (logs, then headers)
+    decode_s: float = 0.0  # this thread decoding
+    blocks: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,41 @@ class EventReader:
     def fetch_block(self, chain: ChainClient, block_hash: str) -> list[dict]:
         """Logs of one block by hash (a reorg cannot mix two forks into one answer)."""
         return chain.get_block_logs(block_hash, self.addresses) if self.sources else []
+
+    def read(self, chain: ChainClient, start: int, end: int, always: set[int],
+             window: int = READ_WINDOW_BLOCKS) -> RangeRead:
+        """Fetch and decode [start, end] window by window, then the headers of `always` and of every block with a
+        log. One thread fetches (the client is used by it alone meanwhile) while this one decodes the previous
+        window: the node serves logs while Python decodes, instead of each waiting for the other."""
+        out = RangeRead(0, [], [], {}, blocks=set(always))
+        if not self.sources or end < start:
+            t = time.perf_counter()
+            out.headers = chain.headers(sorted(out.blocks))
+            out.waited_s = time.perf_counter() - t
+            return out
+
+        def fetch(a: int, b: int) -> list[dict]:
+            logs = self.fetch(chain, a, b)
+            out.blocks.update(int(lg["blockNumber"], 16) for lg in logs)
+            return logs
+
+        with ThreadPoolExecutor(1, thread_name_prefix="obp-fetch") as pool:
+            parts = [pool.submit(fetch, a, min(end, a + window - 1)) for a in range(start, end + 1, window)]
+            headers = pool.submit(lambda: chain.headers(sorted(out.blocks)))  # runs after the last window
+            for part in parts:
+                t = time.perf_counter()
+                logs = part.result()
+                t1 = time.perf_counter()
+                decoded, rejected = self.decode(logs)
+                out.logs += len(logs)
+                out.decoded += decoded
+                out.rejected += rejected
+                out.waited_s += t1 - t
+                out.decode_s += time.perf_counter() - t1
+            t = time.perf_counter()
+            out.headers = headers.result()
+            out.waited_s += time.perf_counter() - t
+        return out
 
     def decode(self, logs: list[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
         decoded: list[DecodedLog] = []
