@@ -25,13 +25,8 @@ from orderbook_pipelines.definitions import defs
 from orderbook_pipelines.ingestion.ranges import parse_range_key, range_key, ranges_up_to
 from orderbook_pipelines.partitions import block_ranges
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
-from orderbook_pipelines.sensors.chain_head import (
-    MAX_RUNS_PER_TICK,
-    RETRY_AFTER,
-    busy_partitions,
-    chain_head_sensor,
-    plan_tick,
-)
+from orderbook_pipelines.sensors.busy import RETRY_AFTER, busy_partitions
+from orderbook_pipelines.sensors.chain_head import MAX_RUNS_PER_TICK, chain_head_sensor, plan_tick
 from tests.conftest import DevChain
 
 
@@ -276,3 +271,29 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
     assert all(stored[a] == b for a, b in complete), "every complete range is stored to its end"
     a, b = ranges_up_to(start, size, safe)[-1]
     assert b > safe and a not in stored, "the open range is left to the live service"
+
+
+def test_analytics_sensor_requests_a_market_again_only_after_its_run_left_the_queue() -> None:
+    """Every market trades at every tick on a busy chain: one queued run per market, then its latest mark."""
+    from dagster import build_sensor_context
+
+    from orderbook_pipelines.sensors.analytics import plan_markets_tick
+
+    instance = DagsterInstance.ephemeral()
+    names = {1: "GOLD_V1", 2: "SILVER_V1"}
+    first = plan_markets_tick(build_sensor_context(instance=instance), names, {1: 50, 2: 60},
+                              busy_partitions(instance, "analytics_market"))
+    assert sorted((r.partition_key, r.run_key) for r in first.run_requests) == [("GOLD_V1", "GOLD_V1@50"),
+                                                                                ("SILVER_V1", "SILVER_V1@60")]
+    gold = create_run_for_test(instance, job_name="analytics_market", status=DagsterRunStatus.STARTING,
+                               tags={"dagster/partition": "GOLD_V1"})
+    create_run_for_test(instance, job_name="analytics_market", status=DagsterRunStatus.SUCCESS,
+                        tags={"dagster/partition": "SILVER_V1"})
+    # both markets traded again; GOLD_V1 still runs: only SILVER_V1 is requested
+    second = plan_markets_tick(build_sensor_context(instance=instance, cursor=first.cursor), names, {1: 70, 2: 80},
+                               busy_partitions(instance, "analytics_market"))
+    assert [(r.partition_key, r.run_key) for r in second.run_requests] == [("SILVER_V1", "SILVER_V1@80")]
+    instance.delete_run(gold.run_id)  # its run is gone from the queue (done); the next tick asks for the newest
+    third = plan_markets_tick(build_sensor_context(instance=instance, cursor=second.cursor), names, {1: 90, 2: 80},
+                              busy_partitions(instance, "analytics_market"))
+    assert [(r.partition_key, r.run_key) for r in third.run_requests] == [("GOLD_V1", "GOLD_V1@90")]

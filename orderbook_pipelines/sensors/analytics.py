@@ -2,7 +2,9 @@
 
 Partition keys are the markets' public names (storage/registry.py MARKET_NAME_SQL: the metric id, else the metric
 hash or address while unregistered), so the UI, a backfill and a run's tags read "GOLD_V1", not an internal id.
-The cursor maps partition key -> last trade block requested; run keys are "<key>@<last trade block>".
+The cursor maps partition key -> last trade block requested; run keys are "<key>@<last trade block>". A market
+whose run is still queued or running is not requested again (its next run reads everything new anyway): a fresh
+dev chain trades in every market every tick, and one request per market per tick outgrew what the queue drained.
 """
 
 import json
@@ -13,6 +15,7 @@ from sqlalchemy import text
 from orderbook_pipelines.jobs import analytics_job
 from orderbook_pipelines.partitions import MARKETS, markets
 from orderbook_pipelines.resources import PostgresResource
+from orderbook_pipelines.sensors.busy import busy_partitions
 from orderbook_pipelines.storage.registry import market_names
 
 MAX_RUNS_PER_TICK = 20
@@ -27,7 +30,7 @@ def market_registry_sensor(context: dg.SensorEvaluationContext, postgres: Postgr
         names = market_names(conn)
         marks: dict[int, int] = dict(
             conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
-    return plan_markets_tick(context, names, marks)
+    return plan_markets_tick(context, names, marks, busy_partitions(context.instance, analytics_job.name))
 
 
 def partition_keys(names: dict[int, str]) -> dict[int, str]:
@@ -43,8 +46,9 @@ def partition_keys(names: dict[int, str]) -> dict[int, str]:
 
 
 def plan_markets_tick(context: dg.SensorEvaluationContext, names: dict[int, str],
-                      trade_marks: dict[int, int]) -> dg.SensorResult:
-    """`names`: market_id -> public name; `trade_marks`: market_id -> block of its last trade.
+                      trade_marks: dict[int, int], busy: set[str] | None = None) -> dg.SensorResult:
+    """`names`: market_id -> public name; `trade_marks`: market_id -> block of its last trade; `busy`: partition
+    keys with a run in flight (requested at a later tick, with the mark of then).
 
     A cursor of an instance from before names (keyed by market_id) matches no key, so each traded market is
     rebuilt once under its named partition; entries of keys that no longer exist are dropped.
@@ -57,7 +61,7 @@ def plan_markets_tick(context: dg.SensorEvaluationContext, names: dict[int, str]
     requests: list[dg.RunRequest] = []
     for mid, key in keys.items():
         mark = trade_marks.get(mid)
-        if mark is None or seen.get(key) == mark or len(requests) >= MAX_RUNS_PER_TICK:
+        if mark is None or seen.get(key) == mark or key in (busy or ()) or len(requests) >= MAX_RUNS_PER_TICK:
             continue
         requests.append(dg.RunRequest(partition_key=key, run_key=f"{key}@{mark}",
                                       tags={"obp/market": key, "obp/market_id": str(mid)}))

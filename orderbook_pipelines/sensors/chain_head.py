@@ -10,7 +10,6 @@ process, not Dagster, owns the tip.
 """
 
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -20,13 +19,10 @@ from orderbook_pipelines.ingestion.ranges import range_key, ranges_up_to
 from orderbook_pipelines.jobs import ingest_job
 from orderbook_pipelines.partitions import BLOCK_RANGES, block_ranges
 from orderbook_pipelines.resources import ChainResource, PostgresResource, SettingsResource
+from orderbook_pipelines.sensors.busy import busy_partitions
 from orderbook_pipelines.storage import checkpoints
 
 MAX_RUNS_PER_TICK = 25
-RETRY_AFTER = timedelta(minutes=2)  # a range whose run just failed waits this long (a reorg goes to reconcile)
-PARTITION_TAG = "dagster/partition"
-_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -43,15 +39,6 @@ def chain_head_sensor(context: dg.SensorEvaluationContext, settings: SettingsRes
         stored = {c.range_start: c.processed_to for c in checkpoints.all_ranges(conn, cfg.chain.chain_id)}
     return plan_tick(context, cfg.chain.start_block, cfg.chain.range_size, safe, stored,
                      busy_partitions(context.instance, ingest_job.name))
-
-
-def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None) -> set[str]:
-    """Partitions of `job_name` with a run queued or in progress, or whose run failed within RETRY_AFTER."""
-    now = now or datetime.now(UTC)
-    busy = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT))
-    failed = instance.get_run_records(filters=dg.RunsFilter(
-        job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE], updated_after=now - RETRY_AFTER))
-    return {key for r in (*busy, *failed) if (key := r.dagster_run.tags.get(PARTITION_TAG))}
 
 
 def plan_tick(context: dg.SensorEvaluationContext, start_block: int, range_size: int, safe: int,
