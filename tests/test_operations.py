@@ -423,7 +423,14 @@ def test_runbook_emergency_pause(world: World) -> None:
         return dict(httpx.get(f"{base}/health", timeout=10).json()["paused"])
 
     def depth(market: str) -> httpx.Response:
-        return httpx.get(f"{base}/api/depth", params={"market": market}, timeout=10)
+        # as a client should: a 429 (this module's requests all come from 127.0.0.1) waits for its Retry-After
+        for _ in range(20):
+            r = httpx.get(f"{base}/api/depth", params={"market": market}, timeout=10)
+            if r.status_code != 429:
+                break
+            time.sleep(float(r.headers.get("retry-after", "0.2")))
+        assert r.status_code in (200, 404), (r.status_code, r.text)
+        return r
 
     rb.run("orderbook markets list")
     rb.run("orderbook markets publishable")
