@@ -29,6 +29,16 @@ def _table(db: str, sql: str) -> list[tuple]:
         return [tuple(r) for r in conn.execute(text(sql))]
 
 
+def _fresh_state(chain: DevChain, ranges: list[tuple[int, int]]) -> tuple:
+    """The state a clean ingestion of `ranges` on today's chain gives: what a repair must converge to."""
+    fresh = new_database()
+    try:
+        _ingest(chain, fresh, ranges)
+        return _state(fresh)
+    finally:
+        drop_database(fresh)
+
+
 def _state(db: str) -> list[list[tuple]]:
     return [_table(db, q) for q in (ORDERS_SQL, TRADES_SQL, POSITIONS_SQL, EVENTS_SQL, CHECKPOINTS_SQL)]
 
@@ -81,12 +91,7 @@ def test_deep_reorg_is_repaired_to_what_a_fresh_ingestion_of_the_new_chain_gives
     report = reconcile(chain.config, ChainClient(chain.anvil.url), engine_for(db),
                        lookback_ranges=len(stored_ranges))
 
-    fresh = new_database()
-    try:
-        _ingest(chain, fresh, _stored_ranges(db))
-        expected = _state(fresh)
-    finally:
-        drop_database(fresh)
+    expected = _fresh_state(chain, _stored_ranges(db))
     assert before[:4] != expected[:4], "the fork must have changed the indexed state, or the test proves nothing"
     assert _state(db) == expected
 

@@ -26,8 +26,8 @@ from orderbook_pipelines.ingestion.reconcile import reconcile
 from orderbook_pipelines.quality.exporter import registry_for
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from orderbook_pipelines.storage.writer import ReorgDetected
-from tests.conftest import Anvil, DevChain, make_devchain, new_database
-from tests.test_reconcile import _ingest, _state, _stored_ranges, _table
+from tests.conftest import Anvil, DevChain, make_devchain
+from tests.test_reconcile import _fresh_state, _ingest, _state, _stored_ranges, _table
 
 ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
 REORG_SQL = "SELECT fork_block, depth, old_hash, new_hash, repaired, events_deleted, events_inserted FROM reorgs"
@@ -170,12 +170,7 @@ def test_a_fork_below_the_deployment_block_is_repaired(anvil_factory: type[Anvil
     first_range = f"{start:012d}-{start + 4:012d}"
     assert first_range in report.ranges_repaired
 
-    fresh = new_database()
-    try:
-        _ingest(chain, fresh, _stored_ranges(database))
-        expected = _state(fresh)
-    finally:
-        drop_database(fresh)
+    expected = _fresh_state(chain, _stored_ranges(database))
     assert before[:4] != expected[:4], "the fork must have changed the indexed state"
     assert _state(database) == expected
     parent = w3.eth.get_block(start - 1)["hash"].to_0x_hex()
