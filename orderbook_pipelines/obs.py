@@ -120,6 +120,22 @@ def redact_processor(_: WrappedLogger, __: str, event_dict: EventDict) -> EventD
 
 
 # -- logging ------------------------------------------------------------------------------------------------
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record is emitted, not as it was at configuration: whoever swaps
+    stderr later (a CLI runner, a daemonising wrapper) gets the lines, and a closed earlier stream is never hit."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: IO[str]) -> None:
+        pass
+
+
 def configure_logging(level: str | None = None, stream: IO[str] | None = None, force: bool = False) -> None:
     """JSON lines on stderr (or `stream`); idempotent unless `force` (tests capture into a buffer)."""
     global _configured
@@ -147,7 +163,7 @@ def configure_logging(level: str | None = None, stream: IO[str] | None = None, f
                     structlog.processors.format_exc_info, redact_processor,
                     structlog.processors.JSONRenderer(default=str)],
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -156,7 +172,7 @@ def configure_logging(level: str | None = None, stream: IO[str] | None = None, f
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(lvl)
-    for noisy in ("urllib3", "web3", "httpcore", "asyncio", "websockets"):
+    for noisy in ("urllib3", "web3", "httpx", "httpcore", "asyncio", "websockets"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     _configured = True
 

@@ -225,6 +225,24 @@ def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[io.StringIO
     obs.configure_logging(force=True)
 
 
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logging configured while one stderr was in place (a CLI runner's, since closed) writes to the stderr in
+    place when a line is emitted: nothing lands on a closed stream as a 'Logging error' in a command's output."""
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    obs.configure_logging("INFO", force=True)
+    try:
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("test.stderr").info("after the swap %d", 7)
+        (line,) = _lines(second)
+        assert line["event"] == "after the swap 7" and line["level"] == "info"
+    finally:
+        monkeypatch.undo()
+        obs.configure_logging(force=True)
+
+
 def test_secrets_are_redacted_from_json_logs(captured_logs: tuple[io.StringIO, str, str, str]) -> None:
     buf, password, token, rpc_key = captured_logs
     dsn = os.environ["DATABASE_URL"]
