@@ -22,6 +22,8 @@ from dagster import (
     FloatMetadataValue,
     IntMetadataValue,
     MarkdownMetadataValue,
+    RunRequest,
+    SensorResult,
     TextMetadataValue,
     build_sensor_context,
     materialize,
@@ -40,7 +42,12 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.partitions import markets
 from orderbook_pipelines.resources import PostgresResource
 from orderbook_pipelines.resources.analytics import AnalyticsResource
-from orderbook_pipelines.sensors.analytics import market_registry_sensor, partition_keys, plan_markets_tick
+from orderbook_pipelines.sensors.analytics import (
+    IN_FLIGHT,
+    market_registry_sensor,
+    partition_keys,
+    plan_markets_tick,
+)
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import DevChain, new_database
 
@@ -176,20 +183,21 @@ def _materialized(backend: str, pg: str, tmp_path_factory: pytest.TempPathFactor
                                 clickhouse_database=f"obp_test_{uuid.uuid4().hex[:10]}")
     instance = DagsterInstance.ephemeral()
     resources = {"postgres": PostgresResource(database_url=pg), "analytics": res}
-    ctx = build_sensor_context(instance=instance, resources={"postgres": resources["postgres"]})
-    tick = market_registry_sensor(ctx)
+    tick = market_registry_sensor(build_sensor_context(instance=instance,
+                                                       resources={"postgres": resources["postgres"]}))
     for req in tick.dynamic_partitions_requests:
         instance.add_dynamic_partitions(markets.name, list(req.partition_keys))
+    requests, cursor = _drain(instance, resources["postgres"], tick)
     with engine_for(pg).connect() as conn:
         ids = dict(conn.execute(text("SELECT metric_id, market_id FROM markets")).all())
         marks = dict(conn.execute(text(
             "SELECT m.metric_id, max(t.block_number) FROM trades t JOIN markets m USING (market_id) GROUP BY 1")).all())
     keys = instance.get_dynamic_partitions(markets.name)
     assert sorted(keys) == sorted(ids), "the sensor registers every market under its public name"
-    assert {r.partition_key for r in tick.run_requests} == set(marks) and marks, "a run for each traded market"
-    assert {(r.run_key, r.tags["obp/market_id"]) for r in tick.run_requests} == {
+    assert sorted(r.partition_key for r in requests) == sorted(marks) and marks, "one run for each traded market"
+    assert {(r.run_key, r.tags["obp/market_id"]) for r in requests} == {
         (f"{k}@{b}", str(ids[k])) for k, b in marks.items()}, "run key = market@last trade block"
-    again = market_registry_sensor(build_sensor_context(instance=instance, cursor=tick.cursor,
+    again = market_registry_sensor(build_sensor_context(instance=instance, cursor=cursor,
                                                         resources={"postgres": resources["postgres"]}))
     assert again.run_requests == [] and again.dynamic_partitions_requests == [], "nothing new, nothing requested"
     results = {}
@@ -326,6 +334,18 @@ def test_rematerializing_a_market_is_idempotent_under_its_name_and_its_legacy_nu
     assert not unknown.success, "a key that names no market fails the run instead of writing anything"
 
 
+def _drain(instance: DagsterInstance, postgres: PostgresResource, tick: SensorResult) -> tuple[list[RunRequest], str]:
+    """Ticks until the sensor is quiet (its runs never start here, so each tick has the whole room): every request
+    made, and the cursor after the last tick. Each tick asks for at most IN_FLIGHT runs."""
+    requests: list[RunRequest] = []
+    while tick.run_requests:
+        assert len(tick.run_requests) <= IN_FLIGHT
+        requests += tick.run_requests
+        tick = market_registry_sensor(build_sensor_context(instance=instance, cursor=tick.cursor,
+                                                           resources={"postgres": postgres}))
+    return requests, tick.cursor or ""
+
+
 def test_registry_sensor_moves_a_legacy_cursor_to_named_keys(pg: str) -> None:
     """A cursor written when keys were market ids: each traded market is rebuilt once under its name, then the
     sensor is quiet again; the legacy entries are dropped."""
@@ -337,11 +357,12 @@ def test_registry_sensor_moves_a_legacy_cursor_to_named_keys(pg: str) -> None:
     legacy = json.dumps({str(m): b for m, b in marks.items()})
     first = market_registry_sensor(build_sensor_context(instance=instance, cursor=legacy,
                                                         resources={"postgres": postgres}))
-    assert sorted(r.partition_key for r in first.run_requests) == sorted(names[m] for m in marks)
-    assert json.loads(first.cursor or "{}") == {names[m]: b for m, b in marks.items()}
     for req in first.dynamic_partitions_requests:
         instance.add_dynamic_partitions(markets.name, list(req.partition_keys))
-    second = market_registry_sensor(build_sensor_context(instance=instance, cursor=first.cursor,
+    requests, cursor = _drain(instance, postgres, first)
+    assert sorted(r.partition_key for r in requests) == sorted(names[m] for m in marks)
+    assert json.loads(cursor or "{}") == {names[m]: b for m, b in marks.items()}
+    second = market_registry_sensor(build_sensor_context(instance=instance, cursor=cursor,
                                                          resources={"postgres": postgres}))
     assert second.run_requests == [] and second.dynamic_partitions_requests == []
 

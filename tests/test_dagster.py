@@ -273,6 +273,40 @@ def test_head_sensor_over_many_ticks_with_a_run_queue() -> None:
     assert b > safe and a not in stored, "the open range is left to the live service"
 
 
+def test_analytics_sensor_queues_only_what_can_run_and_serves_the_stalest_market_first() -> None:
+    """Twelve markets trading at every tick: the run queue never holds more than IN_FLIGHT analytics runs, the
+    backlog waits in the cursor, and every market is served within a round of ticks (none starves)."""
+    from dagster import build_sensor_context
+
+    from orderbook_pipelines.sensors.analytics import IN_FLIGHT, plan_markets_tick
+    from orderbook_pipelines.sensors.busy import in_flight
+
+    instance = DagsterInstance.ephemeral()
+    names = {m: f"M{m:02d}" for m in range(1, 13)}
+    cursor, served = None, []
+    for tick in range(24):
+        queued = instance.get_run_records()
+        if tick % 2 == 0:  # runs finish every other tick: a tick between finds the room taken
+            for run in queued:
+                instance.delete_run(run.dagster_run.run_id)
+        running = in_flight(instance, "analytics_market")
+        marks = {m: 100 + tick for m in names}  # every market traded again
+        result = plan_markets_tick(build_sensor_context(instance=instance, cursor=cursor), names, marks,
+                                   busy_partitions(instance, "analytics_market"), IN_FLIGHT - len(running))
+        assert len(result.run_requests) == (IN_FLIGHT if tick % 2 == 0 else 0), (tick, running)
+        cursor = result.cursor
+        for r in result.run_requests:
+            create_run_for_test(instance, job_name="analytics_market", status=DagsterRunStatus.STARTING,
+                                tags={"dagster/partition": r.partition_key})
+            served.append((tick, r.partition_key))
+    assert len(served) == 12 * IN_FLIGHT
+    first_round = [k for _, k in served[:len(names)]]
+    assert sorted(first_round) == sorted(names.values()), "every market once before any market twice"
+    assert [k for _, k in served[len(names):2 * len(names)]] == first_round, "then in the same order again"
+    assert plan_markets_tick(build_sensor_context(instance=instance, cursor=cursor), names, marks, set(),
+                             0).run_requests == [], "no room, no request"
+
+
 def test_analytics_sensor_requests_a_market_again_only_after_its_run_left_the_queue() -> None:
     """Every market trades at every tick on a busy chain: one queued run per market, then its latest mark."""
     from dagster import build_sensor_context

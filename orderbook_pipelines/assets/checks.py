@@ -29,6 +29,9 @@ def _result(report: CheckReport, what: str) -> dg.AssetCheckResult:
     if failed:
         meta["failed_markets"] = ", ".join(m.metric_id for m in failed[:50])
         meta["differences"] = dg.MetadataValue.json({m.metric_id: m.details for m in failed[:20]})
+    if report.not_evaluated:
+        meta["not_evaluated"] = dg.MetadataValue.md("\n".join(f"- `{k}`: {why}" for k, why in
+                                                               sorted(report.not_evaluated.items())))
     counts = {k: len(v) for k, v in report.violations.items()}
     if report.violations:
         meta["violations"] = dg.MetadataValue.json(counts)

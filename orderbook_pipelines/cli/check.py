@@ -31,6 +31,8 @@ def check_cmd(start: int = typer.Option(..., "--from", min=0), end: int = typer.
             bad = [m.metric_id for m in rep.failed]
             status = "skipped: " + rep.skipped if rep.skipped else ("ok" if rep.passed else f"FAILED {bad}")
             typer.echo(f"{cp.range_start}-{cp.range_end}\t{what}\t{status}")
+            for name, why in sorted(rep.not_evaluated.items()):
+                typer.echo(f"  {name} not evaluated: {why}")
             for m in rep.failed[:5]:
                 typer.echo(f"  {m.metric_id}: {json.dumps(m.details, default=str)[:500]}")
             failed += not rep.passed

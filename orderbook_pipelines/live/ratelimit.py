@@ -4,6 +4,8 @@ A hit is a few microseconds (a deque per key holding the times of its last N acc
 it cannot interleave with another coroutine on the event loop: it costs nothing next to a cached `/api/depth`
 answer (bench/live.py rest). The clock is a parameter so that tests can state the limit exactly (N accepted,
 the next refused, accepted again once the oldest hit is `window_s` old) whatever the speed of the machine.
+(The `limits` package's in-memory moving window reads the wall clock itself and expires keys from a timer
+thread; this needs neither.)
 """
 
 from __future__ import annotations

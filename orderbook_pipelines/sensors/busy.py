@@ -14,10 +14,15 @@ _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Da
               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
+def in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    """Partitions of `job_name` with a run queued or in progress."""
+    runs = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT))
+    return {key for r in runs if (key := r.dagster_run.tags.get(PARTITION_TAG))}
+
+
 def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None) -> set[str]:
     """Partitions of `job_name` with a run queued or in progress, or whose run failed within RETRY_AFTER."""
     now = now or datetime.now(UTC)
-    busy = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT))
     failed = instance.get_run_records(filters=dg.RunsFilter(
         job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE], updated_after=now - RETRY_AFTER))
-    return {key for r in (*busy, *failed) if (key := r.dagster_run.tags.get(PARTITION_TAG))}
+    return in_flight(instance, job_name) | {key for r in failed if (key := r.dagster_run.tags.get(PARTITION_TAG))}
