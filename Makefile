@@ -45,8 +45,8 @@ test: setup
 	echo "[test] ruff check . && mypy"; \
 	$(VENV)/bin/ruff check .; \
 	$(VENV)/bin/mypy; \
-	echo "[test] pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)"; \
-	bash scripts/pytest_summary.sh -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	echo "[test] pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)"; \
+	bash scripts/pytest_summary.sh -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: setup
 	@db_url="$$(bash scripts/ensure_postgres.sh | tail -n 1)"; \

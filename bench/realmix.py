@@ -378,8 +378,8 @@ def main() -> None:
                          "71/29 into two ranges, as a range size of 2,000 splits the issue's 2,829 blocks")
     ap.add_argument("--workers", default="1,2", help="worker counts of `orderbook ingest` to measure")
     ap.add_argument("--dagster-concurrency", type=int, default=1,
-                    help="runs at once in the Dagster backfill (0: skip). With 2, the later (smaller) range commits "
-                         "first and its blocking order_invariants check fails: the earlier range is not in yet")
+                    help="runs at once in the Dagster backfill (0: skip). With 2, the later (smaller) range may "
+                         "commit first: its checks report what needs the earlier range as not evaluated yet")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of every measurement, interleaved")
     ap.add_argument("--cross-ticks", type=int, default=6, help="how far (ticks) a limit order may cross the mid")
     ap.add_argument("--generate-only", action="store_true", help="generate (and cache) the chain, measure nothing")

@@ -102,16 +102,19 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
                 discovered += registry.discover_metric_hashes(conn, cid, new, _book_source(config, src_name), start)
             reader = reader.reload_registry(conn)
         rows = reader.rows(decoded)
+        mark = ingest_metrics.stage("normalize", mark, events=len(rows))
         result = write_range(
             conn,
             RangeWrite(cid, start, end, processed_to, headers, rows, rejected, run_id),
             config.order_events_partition_blocks,
         )
         mark = ingest_metrics.stage("write", mark, events=len(rows), events_inserted=result.events_inserted)
+        ingest_metrics.substages("write", result.seconds)
         faults.crash_point("events_written")
         projected = project_range(conn, cid, start, processed_to)
         faults.crash_point("projected")
         ingest_metrics.stage("project", mark, **asdict(projected))
+        ingest_metrics.substages("project", projected.seconds)
     faults.crash_point("committed")
     return RangeReport(
         range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=read.logs,

@@ -53,6 +53,13 @@ def stage(name: str, since: float, **fields: Any) -> float:
     return now
 
 
+def substages(name: str, seconds: dict[str, float]) -> None:
+    """Parts of a stage timed inside it (`project.orders`, `write.copy`): recorded beside it, not in the histogram."""
+    stages = _stages.get()
+    if stages is not None:
+        stages.update({f"{name}.{k}": v for k, v in seconds.items()})
+
+
 def last_stages() -> dict[str, float]:
     """Stage durations of the last range traced in this context (for Dagster metadata)."""
     return dict(_stages.get() or {})
@@ -107,5 +114,5 @@ def dagster_metadata() -> dict[str, Any]:
     """The last range's trace id and stage durations, as Dagster run metadata (same figures as the metrics)."""
     stages = last_stages()
     out: dict[str, Any] = {"trace_id": str(stages.pop("trace_id", ""))}
-    out.update({f"{k}_seconds": float(v) for k, v in stages.items()})
+    out.update({f"{k}_seconds": float(v) for k, v in stages.items() if "." not in k})  # stages, not their parts
     return out

@@ -1,8 +1,12 @@
 """Orders, trades and positions projected from `order_events`, convergent whatever order ranges arrive in.
 
-Each projection recomputes the state of every key a range touched from *all* stored events of that key, so
-processing ranges out of order, twice, or concurrently ends in the same rows; nothing is incremented. They
-run in the range's own transaction (ingestion/ingest.py), so a checkpoint never exists without them.
+Orders are recomputed, for every order a range touched, from *all* stored events of that order, so processing
+ranges out of order, twice, or concurrently ends in the same rows. Positions are sums over a trader's trades, and
+summing all of them again for every range would cost a market maker's whole history per range: a range adds the
+trades *it inserted* (INSERT ... ON CONFLICT DO NOTHING RETURNING gives each trade row once, whatever re-runs or
+twins do, and the projection lock below serializes the additions). A reorg repair deletes trades and rebuilds the
+positions they fed in full (`project_positions`, ingestion/reconcile.py). Projections run in the range's own
+transaction (ingestion/ingest.py), so a checkpoint never exists without them.
 
 Stored fills and cancels first take the market of their order (`_FILL_MARKETS*`): the rule of
 chain/normalize.py, applied to what is stored, so that a range whose order opens arrive later (out-of-order
@@ -11,7 +15,8 @@ backfill, a concurrent range) still converges to the market the open names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
 
@@ -22,14 +27,37 @@ class ProjectionResult:
     keys: int
 
 
-_TRADES = text("""
-    INSERT INTO trades (market_id, chain_id, block_number, log_index, block_hash, block_time, tx_hash, price,
-                        quantity, buyer, seller, buy_order_id, sell_order_id)
-    SELECT market_id, chain_id, block_number, log_index, block_hash, block_time, tx_hash, price, quantity,
-           buyer, seller, buy_order_id, sell_order_id
-    FROM order_events
-    WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind = 'trade' AND market_id IS NOT NULL
-    ON CONFLICT DO NOTHING
+# The range's trades, and the positions they move: each new trade's two legs added to its traders' rows.
+_TRADES_AND_POSITIONS = text("""
+    WITH ins AS (
+        INSERT INTO trades (market_id, chain_id, block_number, log_index, block_hash, block_time, tx_hash, price,
+                            quantity, buyer, seller, buy_order_id, sell_order_id)
+        SELECT market_id, chain_id, block_number, log_index, block_hash, block_time, tx_hash, price, quantity,
+               buyer, seller, buy_order_id, sell_order_id
+        FROM order_events
+        WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind = 'trade' AND market_id IS NOT NULL
+        ON CONFLICT DO NOTHING
+        RETURNING market_id, block_number, price, quantity, buyer, seller
+    ), legs AS (
+        SELECT market_id, buyer AS trader, quantity AS bought, 0::numeric AS sold, price * quantity AS buy_notional,
+               0::numeric AS sell_notional, block_number FROM ins
+        UNION ALL
+        SELECT market_id, seller, 0::numeric, quantity, 0::numeric, price * quantity, block_number FROM ins
+    ), moved AS (
+        INSERT INTO positions AS p (market_id, trader, net_quantity, bought, sold, buy_notional, sell_notional,
+                                    trade_count, last_block)
+        SELECT market_id, trader, sum(bought) - sum(sold), sum(bought), sum(sold), sum(buy_notional),
+               sum(sell_notional), count(*), max(block_number)
+        FROM legs GROUP BY market_id, trader
+        ON CONFLICT (market_id, trader) DO UPDATE SET
+            net_quantity = p.net_quantity + EXCLUDED.net_quantity, bought = p.bought + EXCLUDED.bought,
+            sold = p.sold + EXCLUDED.sold, buy_notional = p.buy_notional + EXCLUDED.buy_notional,
+            sell_notional = p.sell_notional + EXCLUDED.sell_notional,
+            trade_count = p.trade_count + EXCLUDED.trade_count,
+            last_block = GREATEST(p.last_block, EXCLUDED.last_block), updated_at = now()
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ins) AS trades, (SELECT count(*) FROM moved) AS positions
 """)
 
 _OPEN = "FILTER (WHERE e.kind = 'open' AND e.market_id IS NOT NULL)"
@@ -86,6 +114,8 @@ _TOUCHED_ORDERS = text("""
     WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind IN ('open','fill','cancel')) t
 """)
 
+# Full recompute of the positions of every (market, trader) with a trade in the span: for repairs, which delete
+# trades and so cannot subtract them.
 _POSITIONS = text("""
     WITH touched AS (
         SELECT market_id, buyer AS trader FROM trades WHERE chain_id = :c AND block_number BETWEEN :s AND :e
@@ -147,27 +177,37 @@ class RangeProjection:
     orders_touched: int
     orders_changed: int
     positions_changed: int
+    seconds: dict[str, float] = field(default_factory=dict)  # per statement group, lock wait included in "lock"
 
 
 def project_range(conn: Connection, chain_id: int, start: int, end: int) -> RangeProjection:
     """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions)."""
+    clock = _Clock()
     conn.execute(_PROJECTION_LOCK)
+    clock.lap("lock")
     p = _params(chain_id, start, end)
     moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount + conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
-    t = project_trades(conn, chain_id, start, end)
+    clock.lap("fill_markets")
+    trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
+    clock.lap("trades_positions")
     o = project_orders(conn, chain_id, start, end)
-    pos = project_positions(conn, chain_id, start, end)
-    return RangeProjection(moved, t.rows, o.keys, o.rows, pos.rows)
+    clock.lap("orders")
+    return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.laps)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 4)
+        self._t = now
 
 
 def _params(chain_id: int, start: int, end: int) -> dict[str, int]:
     return {"c": chain_id, "s": start, "e": end}
-
-
-def project_trades(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
-    conn.execute(_PROJECTION_LOCK)
-    res = conn.execute(_TRADES, _params(chain_id, start, end))
-    return ProjectionResult(rows=res.rowcount, keys=res.rowcount)
 
 
 def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
@@ -178,6 +218,7 @@ def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> Pro
 
 
 def project_positions(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
+    """Recompute, from all their stored trades, the positions of traders with a trade in [start, end]."""
     conn.execute(_PROJECTION_LOCK)
     res = conn.execute(_POSITIONS, _params(chain_id, start, end))
     return ProjectionResult(rows=res.rowcount, keys=res.rowcount)

@@ -6,6 +6,7 @@ compared the fetched headers with the stored ones, so a crash leaves either the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class WriteResult:
     rejected_inserted: int
     blocks_inserted: int
     partitions_created: int
+    seconds: dict[str, float] = field(default_factory=dict)  # guard, events, rest, analyze
 
 
 def check_against_stored(conn: Connection, chain_id: int, start: int, headers: dict[int, BlockHeader]) -> None:
@@ -90,6 +92,15 @@ def check_logs_consistent(events: Iterable[OrderEventRow], rejected: Iterable[Re
 
 
 def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteResult:
+    t = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(now - t, 4)
+        t = now
+
     check_logs_consistent(w.events, w.rejected, w.headers)
     check_against_stored(conn, w.chain_id, w.range_start, w.headers)
     made = conn.execute(
@@ -100,8 +111,10 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
 
     raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
     assert raw is not None
+    lap("guard")
     with raw.cursor() as cur:
         inserted = _insert_events(raw, cur, w, block_time)
+        lap("events")
         rejected_inserted = 0
         if w.rejected:
             cur.executemany(
@@ -131,9 +144,11 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
             (w.chain_id, w.range_start, w.range_end, w.processed_to, last.hash, len(w.events), len(w.rejected),
              w.run_id),
         )
+    lap("rest")
     if made or inserted >= ANALYZE_AFTER_ROWS:
         _analyze_grown(conn, w.range_start, w.processed_to, partition_width, inserted)
-    return WriteResult(inserted, rejected_inserted, blocks_inserted, int(made))
+        lap("analyze")
+    return WriteResult(inserted, rejected_inserted, blocks_inserted, int(made), seconds)
 
 
 def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted: int) -> None:
