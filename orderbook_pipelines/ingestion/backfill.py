@@ -14,6 +14,7 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -89,10 +90,24 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
                 yield f.result()
         except KeyboardInterrupt:
             # Stop now: in-flight ranges die with their workers and commit nothing (one transaction each).
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
+            _stop_workers(pool)  # first: shutdown() forgets the processes
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             for f in futures:
                 f.cancel()
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """SIGTERM every worker, then SIGKILL whatever is still alive after `grace_s`: the pool's own shutdown (and the
+    interpreter's exit) joins its workers, and one blocked on a silent node would hold Ctrl-C for its RPC timeout.
+    A worker still alive also holds the terminal's pipes open after this process is gone."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
