@@ -91,7 +91,10 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
         except KeyboardInterrupt:
             # Stop now: in-flight ranges die with their workers and commit nothing (one transaction each).
             _stop_workers(pool)  # first: shutdown() forgets the processes
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Joined here, with its workers dead: left to the interpreter's exit, the pool's manager thread closes
+            # its wakeup pipe while concurrent.futures' exit hook writes to it (Python 3.11: "handle is closed"
+            # at exit, or a hang on a full pipe).
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             for f in futures:
