@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -181,6 +182,19 @@ def bootstrap() -> None:
     """Process start: secret files into the environment, then logging. Safe to call more than once."""
     load_secret_files()
     configure_logging()
+
+
+class Laps:
+    """Seconds between successive `lap(name)` calls: the parts of one stage (write, project) for the benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 4)
+        self._t = now
 
 
 def new_id() -> str:

@@ -30,13 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 import yaml
 from eth_utils import keccak
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from orderbook_pipelines.cli import app
@@ -44,10 +42,11 @@ from orderbook_pipelines.config import PROJECT_ROOT
 from orderbook_pipelines.devchain.anvil import Anvil, free_port
 from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, write_config
 from orderbook_pipelines.devchain.simulator import Simulator
-from orderbook_pipelines.storage.db import drop_database, engine_for, libpq_url, sqlalchemy_url
+from orderbook_pipelines.storage.db import drop_database, engine_for
 from tests.conftest import new_database
 from tests.test_alerts import alert_metric_names
 from tests.test_runbooks import RUNBOOKS, documented_commands
+from tests.test_security import Logins
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
@@ -481,27 +480,6 @@ def test_runbook_frontend_migration(world: World) -> None:
         proc.stop()
         code, out = run_cli(["markets", "resume", "SILVER_V1", "--reason", "migration checked"], world.env())
         assert code == 0, out
-
-
-class Logins:
-    """New LOGIN roles in the group roles of sql/0005 (the credentials a rotation creates); dropped at the end."""
-
-    def __init__(self, db: str, *groups: str):
-        self.db, self.tag = db, secrets.token_hex(4)
-        self.names = {g: f"obp_rot{self.tag}_{g.removeprefix('obp_')}" for g in groups}
-        self.passwords = {g: secrets.token_urlsafe(12) for g in groups}
-        with psycopg.connect(libpq_url(db), autocommit=True) as c:
-            for g in groups:
-                c.execute(f"CREATE ROLE {self.names[g]} LOGIN PASSWORD '{self.passwords[g]}' IN ROLE {g}")
-
-    def url(self, group: str) -> str:
-        u = make_url(sqlalchemy_url(self.db)).set(username=self.names[group], password=self.passwords[group])
-        return u.render_as_string(hide_password=False)
-
-    def drop(self) -> None:
-        with psycopg.connect(libpq_url(self.db), autocommit=True) as c:
-            for name in self.names.values():
-                c.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 def test_runbook_key_rotation_and_every_alert_metric_in_a_real_scrape(world: World) -> None:

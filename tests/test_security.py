@@ -52,15 +52,17 @@ def ingest_all(chain: DevChain, engine_url: str) -> None:
 
 
 class Logins:
-    """LOGIN roles with random names and passwords, one per group role; dropped at the end."""
+    """LOGIN roles with random names and passwords, one per group role (default: all four); dropped at the end.
+    Also the credentials a key rotation creates (tests/test_operations.py)."""
 
-    def __init__(self, db_url: str):
+    def __init__(self, db_url: str, *groups: str):
         self.db_url = db_url
+        self.groups = groups or GROUPS
         self.tag = secrets.token_hex(4)
-        self.names = {g: f"obp_t{self.tag}_{g.removeprefix('obp_')}" for g in GROUPS}
-        self.passwords = {g: secrets.token_urlsafe(12) for g in GROUPS}
+        self.names = {g: f"obp_t{self.tag}_{g.removeprefix('obp_')}" for g in self.groups}
+        self.passwords = {g: secrets.token_urlsafe(12) for g in self.groups}
         with psycopg.connect(libpq_url(db_url), autocommit=True) as c:
-            for g in GROUPS:
+            for g in self.groups:
                 c.execute(f"CREATE ROLE {self.names[g]} LOGIN PASSWORD '{self.passwords[g]}' IN ROLE {g}")
 
     def url(self, group: str) -> str:
@@ -72,8 +74,8 @@ class Logins:
 
     def drop(self) -> None:
         with psycopg.connect(libpq_url(new_admin()), autocommit=True) as c:
-            for g in GROUPS:
-                c.execute(f"DROP ROLE IF EXISTS {self.names[g]}")
+            for name in self.names.values():
+                c.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 @pytest.fixture(scope="module")

@@ -280,10 +280,10 @@ def check_invariants(config: ProjectConfig, engine: Engine, start: int, end: int
             # Ranges commit in any order (concurrent runs, backfills): an invariant that reads history the range
             # does not hold is judged only once that history is stored. A fill's order opens at or before the
             # fill; the current book includes every stored range, the later ones too.
-            top = max(c.processed_to for c in checkpoints.all_ranges(conn, cid))
-            needs = {"fill_without_order": report.block, "crossed_book": top}
+            stored = checkpoints.all_ranges(conn, cid)
+            needs = {"fill_without_order": report.block, "crossed_book": max(c.processed_to for c in stored)}
             for name, upto in needs.items():
-                gap = checkpoints.history_gap(conn, cid, config.chain.start_block, upto)
+                gap = checkpoints.history_gap(conn, cid, config.chain.start_block, upto, stored)
                 if gap:
                     report.violations[name] = []
                     report.not_evaluated[name] = gap

@@ -34,8 +34,9 @@ def market_registry_sensor(context: dg.SensorEvaluationContext, postgres: Postgr
         names = market_names(conn)
         marks: dict[int, int] = dict(
             conn.execute(text("SELECT market_id, max(block_number) FROM trades GROUP BY market_id")).all())
-    room = IN_FLIGHT - len(in_flight(context.instance, analytics_job.name))
-    return plan_markets_tick(context, names, marks, busy_partitions(context.instance, analytics_job.name), room)
+    running = in_flight(context.instance, analytics_job.name)
+    busy = busy_partitions(context.instance, analytics_job.name, running=running)
+    return plan_markets_tick(context, names, marks, busy, IN_FLIGHT - len(running))
 
 
 def partition_keys(names: dict[int, str]) -> dict[int, str]:

@@ -20,9 +20,12 @@ def in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
     return {key for r in runs if (key := r.dagster_run.tags.get(PARTITION_TAG))}
 
 
-def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None) -> set[str]:
-    """Partitions of `job_name` with a run queued or in progress, or whose run failed within RETRY_AFTER."""
+def busy_partitions(instance: dg.DagsterInstance, job_name: str, now: datetime | None = None,
+                    running: set[str] | None = None) -> set[str]:
+    """Partitions of `job_name` with a run queued or in progress (`running`, if the caller read it already), or
+    whose run failed within RETRY_AFTER."""
     now = now or datetime.now(UTC)
     failed = instance.get_run_records(filters=dg.RunsFilter(
         job_name=job_name, statuses=[dg.DagsterRunStatus.FAILURE], updated_after=now - RETRY_AFTER))
-    return in_flight(instance, job_name) | {key for r in failed if (key := r.dagster_run.tags.get(PARTITION_TAG))}
+    running = in_flight(instance, job_name) if running is None else running
+    return running | {key for r in failed if (key := r.dagster_run.tags.get(PARTITION_TAG))}

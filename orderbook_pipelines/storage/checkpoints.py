@@ -90,10 +90,12 @@ def processed_to(conn: Connection, chain_id: int, range_start: int) -> int | Non
     ).scalar_one_or_none()
 
 
-def history_gap(conn: Connection, chain_id: int, start_block: int, block: int) -> str | None:
-    """Why the stored history up to `block` is incomplete (a book needs all of it), or None if complete."""
+def history_gap(conn: Connection, chain_id: int, start_block: int, block: int,
+                stored: list[Checkpoint] | None = None) -> str | None:
+    """Why the stored history up to `block` is incomplete (a book needs all of it), or None if complete
+    (`stored`: the ranges, already read)."""
     expected = start_block
-    for c in all_ranges(conn, chain_id):
+    for c in all_ranges(conn, chain_id) if stored is None else stored:
         if c.range_start > block:
             break
         if c.range_start > expected:

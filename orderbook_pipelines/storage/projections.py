@@ -15,10 +15,11 @@ backfill, a concurrent range) still converges to the market the open names.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
+
+from orderbook_pipelines.obs import Laps
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class RangeProjection:
 
 def project_range(conn: Connection, chain_id: int, start: int, end: int) -> RangeProjection:
     """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions)."""
-    clock = _Clock()
+    clock = Laps()
     conn.execute(_PROJECTION_LOCK)
     clock.lap("lock")
     p = _params(chain_id, start, end)
@@ -192,18 +193,7 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int) -> Rang
     clock.lap("trades_positions")
     o = project_orders(conn, chain_id, start, end)
     clock.lap("orders")
-    return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.laps)
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._t, 4)
-        self._t = now
+    return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.seconds)
 
 
 def _params(chain_id: int, start: int, end: int) -> dict[str, int]:

@@ -6,7 +6,6 @@ compared the fetched headers with the stored ones, so a crash leaves either the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from sqlalchemy import Connection, text
 from orderbook_pipelines.chain.decoding import Rejected
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.chain.rpc import BlockHeader
+from orderbook_pipelines.obs import Laps
 
 _EVENT_COLUMNS = (
     "chain_id", "block_number", "block_hash", "block_time", "tx_hash", "tx_index", "log_index", "contract",
@@ -92,15 +92,7 @@ def check_logs_consistent(events: Iterable[OrderEventRow], rejected: Iterable[Re
 
 
 def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteResult:
-    t = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 4)
-        t = now
-
+    laps = Laps()
     check_logs_consistent(w.events, w.rejected, w.headers)
     check_against_stored(conn, w.chain_id, w.range_start, w.headers)
     made = conn.execute(
@@ -111,10 +103,10 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
 
     raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
     assert raw is not None
-    lap("guard")
+    laps.lap("guard")
     with raw.cursor() as cur:
         inserted = _insert_events(raw, cur, w, block_time)
-        lap("events")
+        laps.lap("events")
         rejected_inserted = 0
         if w.rejected:
             cur.executemany(
@@ -144,11 +136,11 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
             (w.chain_id, w.range_start, w.range_end, w.processed_to, last.hash, len(w.events), len(w.rejected),
              w.run_id),
         )
-    lap("rest")
+    laps.lap("rest")
     if made or inserted >= ANALYZE_AFTER_ROWS:
         _analyze_grown(conn, w.range_start, w.processed_to, partition_width, inserted)
-        lap("analyze")
-    return WriteResult(inserted, rejected_inserted, blocks_inserted, int(made), seconds)
+        laps.lap("analyze")
+    return WriteResult(inserted, rejected_inserted, blocks_inserted, int(made), laps.seconds)
 
 
 def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted: int) -> None:
