@@ -423,11 +423,12 @@ def test_runbook_emergency_pause(world: World) -> None:
 
     def depth(market: str) -> httpx.Response:
         # as a client should: a 429 (this module's requests all come from 127.0.0.1) waits for its Retry-After
-        for _ in range(20):
+        # a 404 may be a market the service has not loaded yet: asked again too, for a few seconds
+        for _ in range(40):
             r = httpx.get(f"{base}/api/depth", params={"market": market}, timeout=10)
-            if r.status_code != 429:
+            if r.status_code not in (429, 404):
                 break
-            time.sleep(float(r.headers.get("retry-after", "0.2")))
+            time.sleep(float(r.headers.get("retry-after", "0.25")))
         assert r.status_code in (200, 404), (r.status_code, r.text)
         return r
 
