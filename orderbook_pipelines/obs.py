@@ -185,16 +185,25 @@ def bootstrap() -> None:
 
 
 class Laps:
-    """Seconds between successive `lap(name)` calls: the parts of one stage (write, project) for the benchmarks."""
+    """Seconds spent in the named parts of one stage (write, project) for the benchmarks: each `lap(name)` adds
+    the time since the previous lap (or `skip`) to `name`, so a part interleaved with other work sums its pieces."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+        self._seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def skip(self) -> None:
+        """Start timing from now: what ran since the last lap belongs to no part."""
         self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.seconds[name] = round(now - self._t, 4)
+        self._seconds[name] = self._seconds.get(name, 0.0) + now - self._t
         self._t = now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self._seconds.items()}
 
 
 def new_id() -> str:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import Connection, Engine
 
 from orderbook_pipelines import faults
+from orderbook_pipelines.book.model import order_key
+from orderbook_pipelines.chain.decoding import Rejected
 from orderbook_pipelines.chain.normalize import metric_hashes_needed
-from orderbook_pipelines.chain.rpc import ChainClient
+from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.gc_pause import gc_paused
 from orderbook_pipelines.ingestion import metrics as ingest_metrics
@@ -24,7 +26,7 @@ from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.ingestion.reorgs import record_detected
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.projections import RangeProjection, project_range
-from orderbook_pipelines.storage.writer import RangeWrite, ReorgDetected, write_range
+from orderbook_pipelines.storage.writer import EventSink, RangeWrite, ReorgDetected, ensure_partitions
 
 __all__ = ["RangeNotFinal", "RangeReport", "ingest_range"]
 
@@ -80,48 +82,102 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         raise ValueError(f"range {start}-{end}: upper bound {upto} is before its start")
     processed_to = min(end, safe, end if upto is None else upto)
 
+    width = config.order_events_partition_blocks
     with _transaction(engine, given) as conn:
         reader = EventReader.load(conn, config)
-    t1 = time.perf_counter()
-    # Fetch and decode overlap (reader.read); the stages report this thread's waiting and decoding time.
-    read = reader.read(chain, start, processed_to, {start, processed_to} | ({start - 1} if start > 0 else set()))
-    decoded, rejected, headers = read.decoded, read.rejected, read.headers
-    mark = time.perf_counter()
-    ingest_metrics.stage("fetch", mark - (t1 - t0) - read.waited_s, logs=read.logs, head=head, safe_head=safe)
-    ingest_metrics.stage("decode", mark - read.decode_s, decoded=len(decoded), rejected=len(rejected))
-    ingest_metrics.stage("headers", mark, blocks=len(headers))
-    faults.crash_point("fetched")
+        made = ensure_partitions(conn, start, processed_to, width)
+    setup = time.perf_counter() - t0
 
     with _transaction(engine, given) as conn:
-        discovered = 0
-        hashes = metric_hashes_needed(decoded)
-        if hashes:
-            known = reader.registry.by_metric_hash
-            for src_name in sorted({d.source for d in decoded if d.mapping.market.startswith("metric_hash:")}):
-                new = {h for h in hashes if h not in known}
-                discovered += registry.discover_metric_hashes(conn, cid, new, _book_source(config, src_name), start)
-            reader = reader.reload_registry(conn)
-        rows = reader.rows(decoded)
-        mark = ingest_metrics.stage("normalize", mark, events=len(rows))
-        result = write_range(
-            conn,
-            RangeWrite(cid, start, end, processed_to, headers, rows, rejected, run_id),
-            config.order_events_partition_blocks,
-        )
-        mark = ingest_metrics.stage("write", mark, events=len(rows), events_inserted=result.events_inserted)
+        sink = EventSink(conn, cid, start, processed_to, width, made)
+        try:
+            read = _stream(config, reader, chain, conn, sink, start, processed_to)
+            faults.crash_point("fetched")
+            result = sink.finish(RangeWrite(cid, start, end, processed_to, read.headers, sink.events, read.rejected,
+                                            run_id))
+        except BaseException:
+            sink.abort()
+            raise
+        ingest_metrics.record("fetch", setup + read.waited_s, logs=read.logs, head=head, safe_head=safe)
+        ingest_metrics.record("decode", read.decode_s, decoded=read.decoded, rejected=len(read.rejected))
+        ingest_metrics.record("normalize", read.normalize_s, events=len(sink.events))
+        ingest_metrics.record("write", sum(result.seconds.values()), events_inserted=result.events_inserted)
         ingest_metrics.substages("write", result.seconds)
         faults.crash_point("events_written")
-        projected = project_range(conn, cid, start, processed_to)
+        mark = time.perf_counter()
+        # Rows this transaction wrote all of (the direct COPY): only fills of orders opened elsewhere can differ.
+        projected = project_range(conn, cid, start, processed_to, read.unopened if sink.fresh else None)
         faults.crash_point("projected")
         ingest_metrics.stage("project", mark, **asdict(projected))
         ingest_metrics.substages("project", projected.seconds)
     faults.crash_point("committed")
     return RangeReport(
         range_start=start, range_end=end, processed_to=processed_to, safe_head=safe, head=head, logs=read.logs,
-        events=len(rows), events_inserted=result.events_inserted, rejected=len(rejected),
-        unresolved_market=sum(1 for r in rows if r.market_id is None), markets_discovered=discovered,
+        events=len(sink.events), events_inserted=result.events_inserted, rejected=len(read.rejected),
+        unresolved_market=sum(1 for r in sink.events if r.market_id is None), markets_discovered=read.discovered,
         seconds=time.perf_counter() - t0, projection=projected,
     )
+
+
+@dataclass
+class _Streamed:
+    """What the windows of a range held (their rows are in the sink), and where this thread's time went."""
+
+    logs: int = 0
+    decoded: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    headers: dict[int, BlockHeader] = field(default_factory=dict)
+    discovered: int = 0
+    waited_s: float = 0.0
+    decode_s: float = 0.0
+    normalize_s: float = 0.0
+    unopened: set[tuple[str, str]] = field(default_factory=set)  # orders whose fills may take another market
+
+
+def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn: Connection, sink: EventSink,
+            start: int, end: int) -> _Streamed:
+    """Fetch, decode, normalize and COPY [start, end] window by window: each window is stored while the next is
+    fetched and decoded. Markets named by a window's metric hashes are registered before its rows are made, and
+    a fill takes the market of its order opened in an earlier window, as if the range were one batch."""
+    cid = config.chain.chain_id
+    out = _Streamed()
+    opened: dict[str, int] = {}  # order key -> market, of the opens of earlier windows
+
+    def markets_of(keys: set[str]) -> dict[str, int]:
+        return {k: opened[k] for k in keys if k in opened}
+
+    traded: set[tuple[str, str, int | None]] = set()  # (contract, order id, market) of every fill and cancel
+    always = {start, end} | ({start - 1} if start > 0 else set())
+    for win in reader.windows(chain, start, end, always):
+        out.logs += win.logs
+        out.decoded += len(win.decoded)
+        out.rejected += win.rejected
+        out.headers.update(win.headers)
+        out.waited_s += win.waited_s
+        out.decode_s += win.decode_s
+        t = time.perf_counter()
+        hashes = metric_hashes_needed(win.decoded)
+        if hashes - reader.registry.by_metric_hash.keys():
+            sink.pause()  # registry statements need the connection the COPY holds
+            known = reader.registry.by_metric_hash
+            for src_name in sorted({d.source for d in win.decoded if d.mapping.market.startswith("metric_hash:")}):
+                new = {h for h in hashes if h not in known}
+                out.discovered += registry.discover_metric_hashes(conn, cid, new, _book_source(config, src_name),
+                                                                  start)
+            reader = reader.reload_registry(conn)
+        rows = reader.rows(win.decoded, markets_of)
+        opened.update((order_key(r.contract, r.order_id), r.market_id) for r in rows
+                      if r.kind == "open" and r.market_id is not None and r.order_id is not None)
+        traded.update((r.contract, r.order_id, r.market_id) for r in rows
+                      if r.kind in _FILL_KINDS and r.order_id is not None)
+        out.normalize_s += time.perf_counter() - t
+        sink.add(rows, win.headers)
+    # A fill whose market is not its order's (opened in the range) is what the projection's rule may move.
+    out.unopened = {(c, o) for c, o, m in traded if m is None or opened.get(order_key(c, o)) != m}
+    return out
+
+
+_FILL_KINDS = frozenset({"fill", "cancel"})
 
 
 def _book_source(config: ProjectConfig, router_source: str) -> str:

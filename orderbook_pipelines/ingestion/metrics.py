@@ -44,13 +44,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 def stage(name: str, since: float, **fields: Any) -> float:
     """Close one stage of the current range: histogram, a log line with the trace id; returns now."""
     now = time.perf_counter()
-    seconds = now - since
+    record(name, now - since, **fields)
+    return now
+
+
+def record(name: str, seconds: float, /, **fields: Any) -> None:
+    """A stage's seconds, measured by the caller (a stage interleaved with others sums its pieces)."""
     STAGE_SECONDS.labels(name).observe(seconds)
     stages = _stages.get()
     if stages is not None:
         stages[name] = round(seconds, 4)
     _log.debug("stage %s", name, extra={"stage": name, "seconds": round(seconds, 4), **fields})
-    return now
 
 
 def substages(name: str, seconds: dict[str, float]) -> None:

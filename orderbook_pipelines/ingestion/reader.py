@@ -7,9 +7,12 @@ fetch the same contracts, decode with the same ABIs and resolve markets with the
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
@@ -18,6 +21,7 @@ from orderbook_pipelines.chain.normalize import MarketRegistry, OrderEventRow, O
 from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.storage import registry
+from orderbook_pipelines.storage.writer import ReorgDetected
 
 
 def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> dict[str, str]:
@@ -31,22 +35,35 @@ def log_addresses(config: ProjectConfig, market_addresses: dict[str, str]) -> di
     return out
 
 
-# Blocks per getLogs call of a pipelined read: small enough that the node serves the next window while this
-# process decodes the last one, large enough that a range costs a handful of calls.
+# A pipelined read asks for windows of about READ_WINDOW_LOGS logs, sized from the density of the window before:
+# small enough that the node serves the next window while this process decodes the last one (a range of 95k logs
+# read as one window waited 1 s for the node, then decoded for 1 s), large enough that a range costs a handful of
+# calls. The first window is small because the density is unknown; no window exceeds READ_WINDOW_BLOCKS.
+READ_WINDOW_LOGS = 8_000
 READ_WINDOW_BLOCKS = 250
+FIRST_WINDOW_BLOCKS = 16
+
+
+def next_window(blocks: int, logs: int, target: int = READ_WINDOW_LOGS, limit: int = READ_WINDOW_BLOCKS) -> int:
+    """Blocks of the next window, after one of `blocks` blocks held `logs` logs."""
+    if logs == 0:
+        return min(limit, blocks * 2)
+    return max(1, min(limit, blocks * target // logs))
 
 
 @dataclass
-class RangeRead:
-    """A range fetched and decoded, the headers of every block it needs, and where the time went."""
+class Window:
+    """Consecutive blocks of a range, fetched and decoded, with the headers of their blocks that the range needs
+    (every block with a log, and the `always` blocks up to the window's end), and where this thread's time went."""
 
+    first: int
+    last: int
     logs: int
     decoded: list[DecodedLog]
     rejected: list[Rejected]
     headers: dict[int, BlockHeader]
-    waited_s: float = 0.0  # this thread waiting for the node (logs, then headers)
+    waited_s: float = 0.0  # this thread waiting for the node
     decode_s: float = 0.0  # this thread decoding
-    blocks: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -82,40 +99,61 @@ class EventReader:
         """Logs of one block by hash (a reorg cannot mix two forks into one answer)."""
         return chain.get_block_logs(block_hash, self.addresses) if self.sources else []
 
-    def read(self, chain: ChainClient, start: int, end: int, always: set[int],
-             window: int = READ_WINDOW_BLOCKS) -> RangeRead:
-        """Fetch and decode [start, end] window by window, then the headers of `always` and of every block with a
-        log. One thread fetches (the client is used by it alone meanwhile) while this one decodes the previous
-        window: the node serves logs while Python decodes, instead of each waiting for the other."""
-        out = RangeRead(0, [], [], {}, blocks=set(always))
+    def windows(self, chain: ChainClient, start: int, end: int, always: set[int]) -> Iterator[Window]:
+        """[start, end] window by window, with the headers of `always` and of every block with a log. One thread
+        fetches (the client is used by it alone meanwhile) while this one decodes, and the caller writes, the window
+        before: the node serves logs while Python decodes and Postgres stores, instead of each waiting in turn."""
         if not self.sources or end < start:
             t = time.perf_counter()
-            out.headers = chain.headers(sorted(out.blocks))
-            out.waited_s = time.perf_counter() - t
-            return out
+            headers = chain.headers(sorted(always))
+            yield Window(start, end, 0, [], [], headers, waited_s=time.perf_counter() - t)
+            return
+        fetched: queue.SimpleQueue[tuple[list[dict], dict[int, BlockHeader], BlockHeader, BlockHeader] | None] = (
+            queue.SimpleQueue())
+        stop = threading.Event()  # the caller gave up (an error, a reorg): fetch no further
 
-        def fetch(a: int, b: int) -> list[dict]:
-            logs = self.fetch(chain, a, b)
-            out.blocks.update(int(lg["blockNumber"], 16) for lg in logs)
-            return logs
+        def fetch_all() -> None:
+            pending = sorted(always)
+            try:
+                a, width = start, FIRST_WINDOW_BLOCKS
+                while a <= end and not stop.is_set():
+                    b = min(end, a + width - 1)
+                    logs = self.fetch(chain, a, b)
+                    needed = {int(lg["blockNumber"], 16) for lg in logs}
+                    needed.update(n for n in pending if n <= b or b == end)
+                    pending = [n for n in pending if n not in needed]
+                    got = chain.headers(sorted(needed | {a, b}))  # the window's ends link it to the one before
+                    fetched.put((logs, {n: got[n] for n in needed}, got[a], got[b]))
+                    width, a = next_window(b - a + 1, len(logs)), b + 1
+            finally:
+                fetched.put(None)  # also after an error, which .result() below raises
 
         with ThreadPoolExecutor(1, thread_name_prefix="obp-fetch") as pool:
-            parts = [pool.submit(fetch, a, min(end, a + window - 1)) for a in range(start, end + 1, window)]
-            headers = pool.submit(lambda: chain.headers(sorted(out.blocks)))  # runs after the last window
-            for part in parts:
-                t = time.perf_counter()
-                logs = part.result()
-                t1 = time.perf_counter()
-                decoded, rejected = self.decode(logs)
-                out.logs += len(logs)
-                out.decoded += decoded
-                out.rejected += rejected
-                out.waited_s += t1 - t
-                out.decode_s += time.perf_counter() - t1
-            t = time.perf_counter()
-            out.headers = headers.result()
-            out.waited_s += time.perf_counter() - t
-        return out
+            done = pool.submit(fetch_all)
+            last: BlockHeader | None = None  # of the window before
+            try:
+                while True:
+                    t = time.perf_counter()
+                    item = fetched.get()
+                    t1 = time.perf_counter()
+                    if item is None:
+                        break
+                    logs, headers, first, end_header = item
+                    a, b = first.number, end_header.number
+                    if last is not None and first.parent_hash != last.hash:
+                        # Each window's logs agree with its own headers (writer.check_logs_consistent); this says
+                        # the earlier windows are still on the chain, as one fetch of every header at the end would.
+                        raise ReorgDetected(
+                            f"block {a}: parent hash {first.parent_hash} is not block {last.number} as read "
+                            f"moments before ({last.hash}): the chain reorganised while the range was read. "
+                            "Nothing was written.")
+                    last = end_header
+                    decoded, rejected = self.decode(logs)
+                    yield Window(a, b, len(logs), decoded, rejected, headers, waited_s=t1 - t,
+                                 decode_s=time.perf_counter() - t1)
+            finally:
+                stop.set()
+            done.result()
 
     def decode(self, logs: list[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
         decoded: list[DecodedLog] = []

@@ -160,6 +160,16 @@ _FILL_MARKETS_OF_RANGE = text("""
       AND o.chain_id = :c AND o.kind = 'open' AND o.contract = f.contract AND o.order_id = f.order_id
       AND o.market_id IS NOT NULL AND f.market_id IS DISTINCT FROM o.market_id
 """)
+# The same, for the fills and cancels of the orders named (`unopened` below): a range written fresh in one go
+# already gave the others the market of their open in the range, so only these can differ.
+_FILL_MARKETS_OF_ORDERS = text("""
+    UPDATE order_events f SET market_id = o.market_id
+    FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[])) AS k(contract, order_id), order_events o
+    WHERE f.chain_id = :c AND f.block_number BETWEEN :s AND :e AND f.kind IN ('fill', 'cancel')
+      AND f.contract = k.contract AND f.order_id = k.order_id
+      AND o.chain_id = :c AND o.kind = 'open' AND o.contract = f.contract AND o.order_id = f.order_id
+      AND o.market_id IS NOT NULL AND f.market_id IS DISTINCT FROM o.market_id
+""")
 # Only fills after the range can have been stored before it (a fill never precedes its open's block), and in an
 # in-order backfill there are few: the scan is bounded by what was ingested ahead, not by the range's opens.
 _FILL_MARKETS_OF_OPENS = text("""
@@ -181,13 +191,25 @@ class RangeProjection:
     seconds: dict[str, float] = field(default_factory=dict)  # per statement group, lock wait included in "lock"
 
 
-def project_range(conn: Connection, chain_id: int, start: int, end: int) -> RangeProjection:
-    """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions)."""
+def project_range(conn: Connection, chain_id: int, start: int, end: int,
+                  unopened: set[tuple[str, str]] | None = None) -> RangeProjection:
+    """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions).
+
+    `unopened`: when every stored event of the range was written by this transaction, the (contract, order id)
+    of its fills and cancels that did not get the market of an open in the range; None (unknown) checks every
+    fill and cancel of the range.
+    """
     clock = Laps()
     conn.execute(_PROJECTION_LOCK)
     clock.lap("lock")
     p = _params(chain_id, start, end)
-    moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount + conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
+    if unopened is None:
+        moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount
+    else:
+        keys = sorted(unopened)
+        moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, "contracts": [k[0] for k in keys],
+                                                       "ids": [k[1] for k in keys]}).rowcount if keys else 0
+    moved += conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
     clock.lap("fill_markets")
     trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
     clock.lap("trades_positions")

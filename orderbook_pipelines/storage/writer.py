@@ -1,12 +1,14 @@
-"""Bulk, idempotent writes of one block range: COPY into a staging table, then INSERT … ON CONFLICT DO NOTHING.
+"""Bulk, idempotent writes of one block range (`EventSink`): its events COPYed window by window as they are read,
+then the reorg guard, rejected logs, blocks and the checkpoint.
 
-Everything for a range commits in one transaction together with its checkpoint, after the reorg guard has
-compared the fetched headers with the stored ones, so a crash leaves either the whole range or none of it.
+Everything for a range commits in one transaction together with its checkpoint, and the guard runs before that
+commit, so a crash or a forked history leaves either the whole range or none of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -22,6 +24,7 @@ _EVENT_COLUMNS = (
     "market_id", "source", "event_name", "kind", "order_id", "trader", "counterparty", "side", "order_type",
     "price", "quantity", "buy_order_id", "sell_order_id", "buyer", "seller", "args",
 )
+_COLUMNS = ", ".join(_EVENT_COLUMNS)
 
 
 ANALYZE_AFTER_ROWS = 50_000
@@ -91,22 +94,129 @@ def check_logs_consistent(events: Iterable[OrderEventRow], rejected: Iterable[Re
             raise ReorgDetected(f"block {n} changed while the range was read")
 
 
-def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteResult:
-    laps = Laps()
-    check_logs_consistent(w.events, w.rejected, w.headers)
-    check_against_stored(conn, w.chain_id, w.range_start, w.headers)
-    made = conn.execute(
-        text("SELECT ensure_order_events_partitions(:a, :b, :w)"),
-        {"a": w.range_start, "b": w.processed_to, "w": partition_width},
-    ).scalar_one()
-    block_time = {n: _ts(h.timestamp) for n, h in w.headers.items()}  # converted once per block, not per row
+def ensure_partitions(conn: Connection, start: int, end: int, width: int) -> int:
+    """Create the `order_events` partitions of [start, end] that do not exist yet; returns how many were made.
 
-    raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
-    assert raw is not None
-    laps.lap("guard")
-    with raw.cursor() as cur:
-        inserted = _insert_events(raw, cur, w, block_time)
-        laps.lap("events")
+    Creating a partition locks the parent table until the transaction ends: ingestion does it in a transaction
+    of its own that commits at once, so a concurrent range does not wait for this range's whole transaction.
+    """
+    made = conn.execute(text("SELECT ensure_order_events_partitions(:a, :b, :w)"),
+                        {"a": start, "b": end, "w": width}).scalar_one()
+    return int(made or 0)
+
+
+class EventSink:
+    """A range's events, streamed into `order_events` window by window inside the range's transaction, then the
+    rest of the range (rejected logs, blocks, checkpoint) once every window is in (`finish`).
+
+    Postgres stores one window while this process decodes the next (one COPY stays open across windows), and
+    nothing is visible before the transaction commits. The reorg guard runs in `finish`, before anything else is
+    written: a forked history rolls the whole transaction back, events included.
+
+    A range with nothing stored yet (every first backfill) is COPYed straight into `order_events`; a rerun, a
+    repair or a concurrent twin goes through staging and ON CONFLICT DO NOTHING. If a concurrent run of the same
+    range commits first, the direct COPY's unique violation rolls back only its savepoint and the rows it held
+    are staged instead.
+    """
+
+    def __init__(self, conn: Connection, chain_id: int, start: int, processed_to: int, partition_width: int,
+                 partitions_made: int = 0) -> None:
+        """`partitions_made`: by `ensure_partitions` in an earlier transaction (see there), so fresh statistics."""
+        self.conn, self.chain_id, self.start, self.processed_to = conn, chain_id, start, processed_to
+        self.width = partition_width
+        self.laps = Laps()
+        self.made = partitions_made + ensure_partitions(conn, start, processed_to, partition_width)
+        raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
+        assert raw is not None
+        self.cur: psycopg.Cursor = raw.cursor()
+        stored = self.cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM order_events WHERE chain_id = %s AND block_number BETWEEN %s AND %s)",
+            (chain_id, start, processed_to),
+        ).fetchone()
+        self.direct = stored is not None and not stored[0]
+        self.block_time: dict[int, str] = {}  # converted once per block, not per row
+        self.events: list[OrderEventRow] = []
+        self.inserted = 0
+        self._copy: psycopg.Copy | None = None
+        self._open = contextlib.ExitStack()  # holds the COPY's context manager: it ends the COPY
+        self._segment = 0  # index in `events` of the first row of the open COPY
+        self.laps.lap("guard")
+
+    @property
+    def fresh(self) -> bool:
+        """Every stored event of the range is one this sink wrote (nothing was stored before it; no twin)."""
+        return self.direct
+
+    def add(self, rows: list[OrderEventRow], headers: dict[int, BlockHeader]) -> None:
+        """One window's rows (its blocks' headers give their block time)."""
+        self.laps.skip()
+        self.block_time.update((n, _ts(h.timestamp)) for n, h in headers.items())
+        self.events += rows
+        if rows:
+            try:
+                self._write(rows)
+            except psycopg.errors.UniqueViolation:
+                self._restage()
+        self.laps.lap("events")
+
+    def pause(self) -> None:
+        """End the open COPY, so that other statements can run on this connection (market discovery)."""
+        if self._copy is None:
+            return
+        self.laps.skip()
+        self._copy = None
+        try:
+            self._open.close()
+        except psycopg.errors.UniqueViolation:
+            self._restage(closed=True)  # the rows are now in a staged COPY: end that one
+            self.pause()
+            return
+        if self.direct:
+            self.cur.execute("RELEASE SAVEPOINT obp_direct")
+            self.inserted += len(self.events) - self._segment
+        else:
+            self.cur.execute(f"INSERT INTO order_events ({_COLUMNS}) SELECT {_COLUMNS} FROM stage_order_events "
+                             "ON CONFLICT (chain_id, block_number, log_index) DO NOTHING")
+            self.inserted += max(self.cur.rowcount, 0)
+        self._segment = len(self.events)
+        self.laps.lap("events")
+
+    def _write(self, rows: list[OrderEventRow]) -> None:
+        if self._copy is None:
+            if self.direct:
+                self.cur.execute("SAVEPOINT obp_direct")
+                sql = f"COPY order_events ({_COLUMNS}) FROM STDIN"
+            else:
+                self.cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_order_events "
+                                 "(LIKE order_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                self.cur.execute("TRUNCATE stage_order_events")
+                sql = f"COPY stage_order_events ({_COLUMNS}) FROM STDIN"
+            self._copy = self._open.enter_context(self.cur.copy(sql))
+        copy, block_time = self._copy, self.block_time
+        for e in rows:
+            copy.write_row((e.chain_id, e.block_number, e.block_hash, block_time[e.block_number], e.tx_hash,
+                            e.tx_index, e.log_index, e.contract, e.market_id, e.source, e.event_name, e.kind,
+                            e.order_id, e.trader, e.counterparty, e.side, e.order_type, e.price, e.quantity,
+                            e.buy_order_id, e.sell_order_id, e.buyer, e.seller, e.args))
+
+    def _restage(self, closed: bool = False) -> None:
+        """A concurrent ingestion of this range committed first: undo the direct COPY, stage its rows instead."""
+        if self._copy is not None and not closed:
+            _fail(self._open, "a concurrent ingestion of this range committed first")
+        self._copy = None
+        self.cur.execute("ROLLBACK TO SAVEPOINT obp_direct")
+        self.cur.execute("RELEASE SAVEPOINT obp_direct")
+        self.direct = False
+        self._write(self.events[self._segment:])
+
+    def finish(self, w: RangeWrite) -> WriteResult:
+        """The rest of the range, after the guard: rejected logs, blocks, checkpoint (and fresh statistics)."""
+        self.pause()
+        self.laps.skip()
+        check_logs_consistent(w.events, w.rejected, w.headers)
+        check_against_stored(self.conn, w.chain_id, w.range_start, w.headers)
+        self.laps.lap("guard")
+        cur = self.cur
         rejected_inserted = 0
         if w.rejected:
             cur.executemany(
@@ -136,11 +246,25 @@ def write_range(conn: Connection, w: RangeWrite, partition_width: int) -> WriteR
             (w.chain_id, w.range_start, w.range_end, w.processed_to, last.hash, len(w.events), len(w.rejected),
              w.run_id),
         )
-    laps.lap("rest")
-    if made or inserted >= ANALYZE_AFTER_ROWS:
-        _analyze_grown(conn, w.range_start, w.processed_to, partition_width, inserted)
-        laps.lap("analyze")
-    return WriteResult(inserted, rejected_inserted, blocks_inserted, int(made), laps.seconds)
+        cur.close()
+        self.laps.lap("rest")
+        if self.made or self.inserted >= ANALYZE_AFTER_ROWS:
+            _analyze_grown(self.conn, w.range_start, w.processed_to, self.width, self.inserted)
+            self.laps.lap("analyze")
+        return WriteResult(self.inserted, rejected_inserted, blocks_inserted, self.made, self.laps.seconds)
+
+    def abort(self) -> None:
+        """Close an open COPY after an error elsewhere, so the caller's rollback runs on a usable connection."""
+        if self._copy is not None:
+            self._copy = None
+            _fail(self._open, "range abandoned")
+
+
+def _fail(open_copy: contextlib.ExitStack, why: str) -> None:
+    """End a COPY as failed (the server discards its rows); an error the server already sent is expected here."""
+    err = RuntimeError(why)
+    with contextlib.suppress(psycopg.Error):
+        open_copy.__exit__(type(err), err, None)
 
 
 def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted: int) -> None:
@@ -158,49 +282,6 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
     for name in names:
         if tuples.get(name, -1) < max(inserted, 1):  # never analyzed (-1), empty, or doubled by this load
             conn.exec_driver_sql(f"ANALYZE {name} ({_PLANNED_COLUMNS})")
-
-
-def _event_rows(w: RangeWrite, block_time: dict[int, str]) -> Iterator[tuple]:
-    for e in w.events:
-        yield (e.chain_id, e.block_number, e.block_hash, block_time[e.block_number], e.tx_hash, e.tx_index,
-               e.log_index, e.contract, e.market_id, e.source, e.event_name, e.kind, e.order_id, e.trader,
-               e.counterparty, e.side, e.order_type, e.price, e.quantity, e.buy_order_id, e.sell_order_id, e.buyer,
-               e.seller, e.args)
-
-
-def _insert_events(raw: psycopg.Connection, cur: psycopg.Cursor, w: RangeWrite, block_time: dict[int, str]) -> int:
-    """Rows inserted. A range with nothing stored yet (every first backfill) is COPYed straight into
-    `order_events`; a rerun, a repair or a concurrent twin goes through staging and ON CONFLICT DO NOTHING.
-
-    The direct COPY writes each row once instead of twice; if a concurrent run of the same range committed
-    first, its unique violation rolls back only the savepoint and the staged path takes over.
-    """
-    if not w.events:
-        return 0
-    cols = ", ".join(_EVENT_COLUMNS)
-    stored = cur.execute(
-        "SELECT EXISTS (SELECT 1 FROM order_events WHERE chain_id = %s AND block_number BETWEEN %s AND %s)",
-        (w.chain_id, w.range_start, w.processed_to),
-    ).fetchone()
-    if stored is not None and not stored[0]:
-        try:
-            with raw.transaction(), cur.copy(f"COPY order_events ({cols}) FROM STDIN") as copy:
-                for row in _event_rows(w, block_time):
-                    copy.write_row(row)
-            return len(w.events)
-        except psycopg.errors.UniqueViolation:
-            pass  # a concurrent ingestion of this range committed first: fall through to the staged path
-    cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_order_events "
-                "(LIKE order_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-    cur.execute("TRUNCATE stage_order_events")
-    with cur.copy(f"COPY stage_order_events ({cols}) FROM STDIN") as copy:
-        for row in _event_rows(w, block_time):
-            copy.write_row(row)
-    cur.execute(
-        f"INSERT INTO order_events ({cols}) SELECT {cols} FROM stage_order_events "
-        "ON CONFLICT (chain_id, block_number, log_index) DO NOTHING"
-    )
-    return cur.rowcount
 
 
 def _ts(unix: int) -> str:
