@@ -183,8 +183,11 @@ def mine_branch(anvil: Anvil, chain: DevChain, rng: random.Random, length: int, 
 class ResetBookClient(BookClient):
     """The reference book client (sync rule, checksums), also counting `reset` snapshots."""
 
+    PING_EVERY_S = 20.0  # as a real client does: the server closes a connection silent for 60 s (idle_timeout)
+
     def __init__(self, url: str, market: str, depth: int = 100, interval_ms: int = 0):
         self.resets = 0
+        self.sent_at = time.monotonic()
         super().__init__(url, market, depth, interval_ms)
 
     def handle(self, msg: dict[str, Any]) -> None:
@@ -199,8 +202,12 @@ class ResetBookClient(BookClient):
         """Read frames until `until()` holds (True) or the timeout passes (False)."""
         deadline = time.monotonic() + timeout
         while not until():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 return False
+            if now - self.sent_at > self.PING_EVERY_S:  # long waits on a loaded machine outlast the idle timeout
+                self.ws.send(json.dumps({"op": "ping"}))
+                self.sent_at = now
             with suppress(TimeoutError):
                 self.on_frame(self.ws.recv(timeout=0.05))
         return True

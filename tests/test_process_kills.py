@@ -158,7 +158,9 @@ def _settle_equal(chain: DevChain, clients: list[ResetBookClient], timeout: floa
         bids, asks = truth.levels(c.market, head)
         want = ([(p, q) for p, q, _ in bids], [(p, q) for p, q, _ in asks])
         assert c.pump(lambda cl=c, w=want: cl.levels() == w, timeout), (  # type: ignore[misc]
-            f"{c.market}: the client's book never became the contract's at block {head}")
+            f"{c.market}: the client's book never became the contract's at block {head}: client {c.levels()} "
+            f"(seq {c.seq}, deltas {c.deltas}, gaps {c.gaps}, resets {c.resets}, last {c.stream[-1:]}), "
+            f"contract {want}")
         assert c.checksum_failures == 0, (c.market, c.checksum_failures)
 
 

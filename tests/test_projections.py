@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
+from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from orderbook_pipelines.storage.projections import project_range
 from tests.conftest import new_database
@@ -98,3 +99,71 @@ def test_projecting_twice_or_in_random_slices_changes_nothing(db: str) -> None:
         moved = project_range(conn, 31337, 0, 19).fills_remarketed
     assert moved == 0, f"seed {seed}"
     assert _state(db) == first, f"seed {seed}"
+
+
+def _random_orders(rng: random.Random) -> list[OrderEventRow]:
+    """Orders of two contracts with every shape the rule distinguishes: opens with a market, without one, twice;
+    partial fills, exact fills, overfills; cancels; market orders; fills and cancels of orders never opened."""
+    out: list[OrderEventRow] = []
+    log = dict.fromkeys(range(20), 0)
+
+    def add(block: int, kind: str, contract: str, oid: str, market: int | None, side: int | None = None,
+            otype: int | None = None, price: int | None = None, qty: int | None = None) -> None:
+        out.append(OrderEventRow(31337, block, f"0xh{block}", f"0xt{block}", 0, log[block], contract, market, "r",
+                                 "E", kind, oid, f"0xtrader{rng.randrange(3)}", None, side, otype, price, qty,
+                                 None, None, None, None, "{}"))
+        log[block] += 1
+
+    for n in range(rng.randint(5, 40)):
+        contract, oid = rng.choice([ROUTER, "0x" + "cd" * 20]), str(n)
+        opened = (3, 12)[n] if n < 2 else rng.randrange(0, 15)  # an order in each half, whatever the seed
+        if n < 2 or rng.random() < 0.9:
+            market = A if n < 2 else rng.choice([A, B, None] if rng.random() < 0.2 else [A, B])
+            add(opened, "open", contract, oid, market,
+                rng.randrange(2), rng.choice([0, 1, 1, 1]), rng.randrange(1, 200), rng.randrange(1, 50))
+        if rng.random() < 0.1:  # a second open of the same order id, later
+            add(rng.randrange(opened, 20), "open", contract, oid, B, 1, 1, 7, 9)
+        for _ in range(rng.randrange(4)):
+            add(rng.randrange(opened, 20), "fill", contract, oid, rng.choice([A, B, None]),
+                qty=rng.choice([rng.randrange(1, 30), None]) if rng.random() < 0.9 else None)
+        if rng.random() < 0.3:
+            add(rng.randrange(opened, 20), "cancel", contract, oid, None)
+    return out
+
+
+@pytest.mark.parametrize("span", [(0, 19), (0, 9), (10, 19)])
+def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, int]) -> None:
+    """A range this transaction wrote in full has its orders computed from memory (project_fresh_orders); orders
+    with events outside the range fall back to the SQL rule. Both must give exactly the rows the SQL rule gives."""
+    from orderbook_pipelines.storage.projections import project_fresh_orders, project_orders
+    from orderbook_pipelines.storage.writer import _ts
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    events = _random_orders(rng)
+    block_time = {b: _ts(1_700_000_000 + 2 * b + rng.randrange(2)) for b in range(20)}
+    lo, hi = span
+    with engine_for(db).begin() as conn:
+        conn.execute(text("""
+            INSERT INTO order_events (chain_id, block_number, block_hash, block_time, tx_hash, tx_index, log_index,
+                                      contract, market_id, source, event_name, kind, order_id, trader, side,
+                                      order_type, price, quantity, args)
+            VALUES (31337, :b, :h, CAST(:t AS timestamptz), :tx, 0, :l, :c, :m, 'r', 'E', :k, :o, :tr, :side, :ot,
+                    :p, :q, '{}')"""),
+            [{"b": e.block_number, "h": e.block_hash, "t": block_time[e.block_number], "tx": e.tx_hash,
+              "l": e.log_index, "c": e.contract, "m": e.market_id, "k": e.kind, "o": e.order_id, "tr": e.trader,
+              "side": e.side, "ot": e.order_type, "p": e.price, "q": e.quantity} for e in events])
+    read = text("SELECT * FROM orders ORDER BY contract, order_id")
+    with engine_for(db).connect() as conn:
+        with conn.begin() as tx:
+            want = project_orders(conn, 31337, lo, hi)
+            want_rows = [tuple(r) for r in conn.execute(read)]
+            tx.rollback()
+        with conn.begin() as tx:
+            got = project_fresh_orders(conn, 31337, lo, hi, [e for e in events if lo <= e.block_number <= hi],
+                                       block_time)
+            got_rows = [tuple(r) for r in conn.execute(read)]
+            tx.rollback()
+    assert want_rows, f"seed {seed}: no order in the range"
+    assert got_rows == want_rows, f"seed {seed}"
+    assert (got.rows, got.keys) == (want.rows, want.keys), f"seed {seed}"

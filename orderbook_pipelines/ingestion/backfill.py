@@ -1,4 +1,5 @@
-"""Many block ranges at once, outside Dagster: one process per worker, each running the assets' own path.
+"""Many block ranges at once, outside Dagster: this process and N - 1 spawned ones, each running the assets' own
+path.
 
 Ingestion is CPU-bound Python (JSON, ABI decoding) while the node and Postgres work in other processes, so a
 second worker process overlaps one range's decoding with another's COPY and projections; threads would share
@@ -15,8 +16,9 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -74,20 +76,44 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
     """Ingest `ranges` (each with its projections; nothing beyond block `upto`), yielding outcomes in range
     order; the first error stops the run.
 
-    With `workers` == 1 everything runs in this process (no pickling, same stack traces as Dagster's).
+    With `workers` == 1 everything runs in this process (no pickling, same stack traces as Dagster's). With N > 1,
+    this process is one of the N: it starts on the first range at once while N - 1 spawned workers start up
+    (an interpreter and its imports each, about half a second) and take the next ones, so a second worker never
+    delays the first range.
     """
+    _init(config, database_url)
     if workers <= 1:
-        _init(config, database_url)
         for r in ranges:
             yield _run(r, run_id, upto)
         return
     ctx = mp.get_context("spawn")  # no fork of a process holding connections and threads
     log = bool(logging.getLogger().handlers)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(config, database_url, log)) as pool:
-        futures = [pool.submit(_run, r, run_id, upto) for r in ranges]
+    pending = deque(enumerate(ranges))
+    done: dict[int, RangeOutcome] = {}
+    running: dict[Future[RangeOutcome], int] = {}
+    ready = 0  # the next range to yield
+
+    def hand_out() -> None:  # one range queued behind each busy worker, so none waits for this process
+        while pending and len(running) < 2 * (workers - 1):
+            i, r = pending.popleft()
+            running[pool.submit(_run, r, run_id, upto)] = i
+
+    with ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_init,
+                             initargs=(config, database_url, log)) as pool:
         try:
-            for f in futures:
-                yield f.result()
+            while pending or running:
+                if pending:
+                    i, r = pending.popleft()
+                    hand_out()
+                    done[i] = _run(r, run_id, upto)  # this process's own share
+                else:
+                    wait(running, return_when=FIRST_COMPLETED)
+                for f in [f for f in running if f.done()]:
+                    done[running.pop(f)] = f.result()
+                hand_out()
+                while ready in done:
+                    yield done.pop(ready)
+                    ready += 1
         except KeyboardInterrupt:
             # Stop now: in-flight ranges die with their workers and commit nothing (one transaction each).
             _stop_workers(pool)  # first: shutdown() forgets the processes
@@ -97,7 +123,7 @@ def run_ranges(config: ProjectConfig, database_url: str, ranges: list[tuple[int,
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
-            for f in futures:
+            for f in running:
                 f.cancel()
 
 

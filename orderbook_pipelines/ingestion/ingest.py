@@ -25,7 +25,7 @@ from orderbook_pipelines.ingestion.ranges import RangeNotFinal
 from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.ingestion.reorgs import record_detected
 from orderbook_pipelines.storage import registry
-from orderbook_pipelines.storage.projections import RangeProjection, project_range
+from orderbook_pipelines.storage.projections import RangeProjection, WrittenRange, project_range
 from orderbook_pipelines.storage.writer import EventSink, RangeWrite, ReorgDetected, ensure_partitions
 
 __all__ = ["RangeNotFinal", "RangeReport", "ingest_range"]
@@ -105,8 +105,8 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         ingest_metrics.substages("write", result.seconds)
         faults.crash_point("events_written")
         mark = time.perf_counter()
-        # Rows this transaction wrote all of (the direct COPY): only fills of orders opened elsewhere can differ.
-        projected = project_range(conn, cid, start, processed_to, read.unopened if sink.fresh else None)
+        written = WrittenRange(sink.events, sink.block_time, read.unopened) if sink.fresh else None
+        projected = project_range(conn, cid, start, processed_to, written)
         faults.crash_point("projected")
         ingest_metrics.stage("project", mark, **asdict(projected))
         ingest_metrics.substages("project", projected.seconds)

@@ -15,10 +15,12 @@ backfill, a concurrent range) still converges to the market the open names.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
 
+from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.obs import Laps
 
 
@@ -63,14 +65,26 @@ _TRADES_AND_POSITIONS = text("""
 
 _OPEN = "FILTER (WHERE e.kind = 'open' AND e.market_id IS NOT NULL)"
 _FIRST = "ORDER BY e.block_number, e.log_index"
-# One aggregate pass over the touched orders' events. (Two aggregates joined to each other planned as a nested
-# loop on fresh partitions without statistics: quadratic in the range size, bench/backfill.py.)
-_ORDERS = text(f"""
-    WITH touched AS (
-        SELECT DISTINCT contract, order_id FROM order_events
-        WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind IN ('open', 'fill', 'cancel')
-          AND order_id IS NOT NULL
-    ), agg AS (
+_ORDER_COLUMNS = ("market_id", "chain_id", "contract", "order_id", "trader", "side", "order_type", "price",
+                  "quantity", "filled", "remaining", "status", "fill_count", "created_block", "created_log",
+                  "updated_block", "created_at", "updated_at")
+_UPSERT_ORDERS = f"""
+    INSERT INTO orders ({", ".join(_ORDER_COLUMNS)})
+    SELECT {{select}}
+    ON CONFLICT (market_id, chain_id, contract, order_id) DO UPDATE SET
+        filled = EXCLUDED.filled, remaining = EXCLUDED.remaining, status = EXCLUDED.status,
+        fill_count = EXCLUDED.fill_count, updated_block = EXCLUDED.updated_block, updated_at = EXCLUDED.updated_at
+    WHERE (orders.filled, orders.status, orders.updated_block)
+          IS DISTINCT FROM (EXCLUDED.filled, EXCLUDED.status, EXCLUDED.updated_block)
+"""
+
+
+def _orders_sql(touched: str) -> str:
+    """Every touched order recomputed from all its stored events. One aggregate pass over the touched orders'
+    events. (Two aggregates joined to each other planned as a nested loop on fresh partitions without
+    statistics: quadratic in the range size, bench/backfill.py.) `order_state` below is the same rule in Python."""
+    return f"""
+    WITH touched AS ({touched}), agg AS (
         SELECT e.contract, e.order_id,
                (array_agg(e.market_id {_FIRST}) {_OPEN})[1] AS market_id,
                (array_agg(e.trader {_FIRST}) {_OPEN})[1] AS trader,
@@ -95,19 +109,24 @@ _ORDERS = text(f"""
                          WHEN a.filled > 0 THEN 'partially_filled'
                          ELSE 'open' END AS status
         FROM agg a WHERE a.market_id IS NOT NULL
-    )
-    INSERT INTO orders (market_id, chain_id, contract, order_id, trader, side, order_type, price, quantity, filled,
-                        remaining, status, fill_count, created_block, created_log, updated_block, created_at,
-                        updated_at)
-    SELECT market_id, :c, contract, order_id, trader, side, order_type, price, quantity, filled,
-           CASE WHEN status IN ('open', 'partially_filled') THEN quantity - filled ELSE 0 END,
+    )""" + _UPSERT_ORDERS.format(select="""market_id, :c, contract, order_id, trader, side, order_type, price,
+           quantity, filled, CASE WHEN status IN ('open', 'partially_filled') THEN quantity - filled ELSE 0 END,
            status, fill_count, created_block, created_log, updated_block, created_at, updated_at
-    FROM state
-    ON CONFLICT (market_id, chain_id, contract, order_id) DO UPDATE SET
-        filled = EXCLUDED.filled, remaining = EXCLUDED.remaining, status = EXCLUDED.status,
-        fill_count = EXCLUDED.fill_count, updated_block = EXCLUDED.updated_block, updated_at = EXCLUDED.updated_at
-    WHERE (orders.filled, orders.status, orders.updated_block)
-          IS DISTINCT FROM (EXCLUDED.filled, EXCLUDED.status, EXCLUDED.updated_block)
+    FROM state""")
+
+
+_ORDERS = text(_orders_sql("""
+        SELECT DISTINCT contract, order_id FROM order_events
+        WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind IN ('open', 'fill', 'cancel')
+          AND order_id IS NOT NULL"""))
+_ORDERS_OF = text(_orders_sql("SELECT * FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[]))"
+                              " AS k(contract, order_id)"))
+# Orders of the range with a stored event outside it (an earlier open, fills of a range stored before this one).
+_ELSEWHERE = text("""
+    SELECT DISTINCT e.contract, e.order_id
+    FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[])) AS k(contract, order_id)
+    JOIN order_events e ON e.chain_id = :c AND e.contract = k.contract AND e.order_id = k.order_id
+    WHERE (e.block_number < :s OR e.block_number > :e) AND e.kind IN ('open', 'fill', 'cancel')
 """)
 
 _TOUCHED_ORDERS = text("""
@@ -191,29 +210,39 @@ class RangeProjection:
     seconds: dict[str, float] = field(default_factory=dict)  # per statement group, lock wait included in "lock"
 
 
+@dataclass(frozen=True)
+class WrittenRange:
+    """A range whose stored events are exactly `events`, all written by the current transaction (a first load):
+    what the projections can take from memory instead of reading it back."""
+
+    events: list[OrderEventRow]
+    block_time: Mapping[int, str]  # as stored in order_events.block_time
+    unopened: set[tuple[str, str]]  # (contract, order id) of fills/cancels not given the market of an open in range
+
+
 def project_range(conn: Connection, chain_id: int, start: int, end: int,
-                  unopened: set[tuple[str, str]] | None = None) -> RangeProjection:
+                  written: WrittenRange | None = None) -> RangeProjection:
     """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions).
 
-    `unopened`: when every stored event of the range was written by this transaction, the (contract, order id)
-    of its fills and cancels that did not get the market of an open in the range; None (unknown) checks every
-    fill and cancel of the range.
+    `written`: the range's events when this transaction wrote all of them; then only the fills in `unopened` can
+    take another market, and orders whose every event is in the range are computed from memory.
     """
     clock = Laps()
     conn.execute(_PROJECTION_LOCK)
     clock.lap("lock")
     p = _params(chain_id, start, end)
-    if unopened is None:
+    if written is None:
         moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount
     else:
-        keys = sorted(unopened)
+        keys = sorted(written.unopened)
         moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, "contracts": [k[0] for k in keys],
                                                        "ids": [k[1] for k in keys]}).rowcount if keys else 0
     moved += conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
     clock.lap("fill_markets")
     trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
     clock.lap("trades_positions")
-    o = project_orders(conn, chain_id, start, end)
+    o = (project_orders(conn, chain_id, start, end) if written is None else
+         project_fresh_orders(conn, chain_id, start, end, written.events, written.block_time))
     clock.lap("orders")
     return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.seconds)
 
@@ -227,6 +256,82 @@ def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> Pro
     keys = conn.execute(_TOUCHED_ORDERS, _params(chain_id, start, end)).scalar_one()
     res = conn.execute(_ORDERS, _params(chain_id, start, end))
     return ProjectionResult(rows=res.rowcount, keys=int(keys))
+
+
+_ORDER_KINDS = frozenset({"open", "fill", "cancel"})
+OrderKey = tuple[str, str]  # (contract, order id)
+
+
+def order_state(chain_id: int, events: Iterable[OrderEventRow], block_time: Mapping[int, str]) -> tuple | None:
+    """The `orders` row (in `_ORDER_COLUMNS` order) of one order from ALL its events, by `_orders_sql`'s rule:
+    the first open with a market names it, fills add up, a cancel or a market order ends it. None without such
+    an open (the SQL leaves those out too)."""
+    first: OrderEventRow | None = None
+    filled = fills = 0
+    cancelled = False
+    last, updated = -1, ""
+    for e in events:
+        last, updated = max(last, e.block_number), max(updated, block_time[e.block_number])  # one ISO format
+        if e.kind == "open":
+            if e.market_id is not None and (first is None or (e.block_number, e.log_index) <
+                                            (first.block_number, first.log_index)):
+                first = e
+        elif e.kind == "fill":
+            fills += 1
+            filled += e.quantity or 0
+        elif e.kind == "cancel":
+            cancelled = True
+    if first is None:
+        return None
+    q = first.quantity
+    if q is not None and filled >= q:
+        status = "filled"
+    elif cancelled or first.order_type == 0:  # a market order never rests
+        status = "cancelled"
+    else:
+        status = "partially_filled" if filled > 0 else "open"
+    remaining = (None if q is None else q - filled) if status in ("open", "partially_filled") else 0
+    return (first.market_id, chain_id, first.contract, first.order_id, first.trader, first.side, first.order_type,
+            first.price, q, filled, remaining, status, fills, first.block_number, first.log_index, last,
+            block_time[first.block_number], updated)
+
+
+def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, events: list[OrderEventRow],
+                         block_time: Mapping[int, str]) -> ProjectionResult:
+    """`project_orders` for a range whose stored events are exactly `events` (this transaction wrote them all):
+    orders with no stored event outside the range are computed here from `events` and upserted in bulk; the
+    others (opened earlier, or with fills in a range stored before this one) are recomputed by the SQL rule."""
+    conn.execute(_PROJECTION_LOCK)
+    by_order: dict[OrderKey, list[OrderEventRow]] = {}
+    touched: set[tuple[str, str | None]] = set()
+    for e in events:
+        if e.kind in _ORDER_KINDS:
+            touched.add((e.contract, e.order_id))
+            if e.order_id is not None:
+                by_order.setdefault((e.contract, e.order_id), []).append(e)
+    keys = sorted(by_order)
+    p = {**_params(chain_id, start, end), "contracts": [k[0] for k in keys], "ids": [k[1] for k in keys]}
+    elsewhere: set[OrderKey] = {(r.contract, r.order_id) for r in conn.execute(_ELSEWHERE, p)} if keys else set()
+    changed = 0
+    if elsewhere:
+        rest = sorted(elsewhere)
+        changed += conn.execute(_ORDERS_OF, {**p, "contracts": [k[0] for k in rest],
+                                             "ids": [k[1] for k in rest]}).rowcount
+    rows = [r for k, evs in by_order.items() if k not in elsewhere
+            if (r := order_state(chain_id, evs, block_time)) is not None]
+    if rows:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cols = ", ".join(_ORDER_COLUMNS)
+        with raw.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_orders (LIKE orders) ON COMMIT DELETE ROWS")
+            cur.execute("TRUNCATE stage_orders")
+            with cur.copy(f"COPY stage_orders ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(_UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
+            changed += max(cur.rowcount, 0)
+    return ProjectionResult(rows=changed, keys=len(touched))
 
 
 def project_positions(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
