@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,13 @@ def anvil_factory() -> Iterator[type[Anvil]]:
     for a in started:
         a.stop()
 
+
+# The installed command, as users run it; `cli_argv` is the same command through this interpreter (no script shim).
+ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", *args]
 
 def new_database() -> str:
     u = make_url(sqlalchemy_url(PG_SERVER)).set(database=f"obp_test_{uuid.uuid4().hex[:10]}")

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,8 @@ import pytest
 import yaml
 
 from orderbook_pipelines.cli.common import INTERRUPTED, NODE_UNAVAILABLE
-from tests.conftest import sample_config
+from tests.conftest import ORDERBOOK, sample_config
 
-ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
 INGEST = [ORDERBOOK, "ingest", "--from", "0", "--to", "10"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from orderbook_pipelines.config import (
     load_config,
     parse_config,
 )
-from tests.conftest import GEN1_BOOK, GEN2_BOOK, ROUTER, sample_config
+from tests.conftest import GEN1_BOOK, GEN2_BOOK, ORDERBOOK, ROUTER, sample_config
 
 ARTIFACTS = PROJECT_ROOT / "contracts" / "artifacts"
 
@@ -286,7 +285,7 @@ def test_cli_reports_a_mapping_typo_in_one_short_error(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OBP_CONFIG": str(path), "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none"}
     env.pop("OBP_RPC_URL", None)
-    proc = subprocess.run([str(Path(sys.executable).parent / "orderbook"), "ingest", "--from", "0", "--to", "10"],
+    proc = subprocess.run([ORDERBOOK, "ingest", "--from", "0", "--to", "10"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -26,7 +26,7 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.storage.checkpoints import all_ranges, frontier
 from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import DevChain, new_database
+from tests.conftest import DevChain, cli_argv, new_database
 
 Dump = dict[str, list[tuple]]
 
@@ -101,10 +101,6 @@ def clean(simulated_chain: DevChain) -> Iterator[Reference]:
         drop_database(db)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", *args]
-
-
 def _ingest(chain: DevChain, db: str, start: int, end: int, workers: int = 1,
             crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OBP_CRASH_AT"}
@@ -112,7 +108,7 @@ def _ingest(chain: DevChain, db: str, start: int, end: int, workers: int = 1,
     if crash_at is not None:
         env["OBP_CRASH_AT"] = crash_at
     args = ["ingest", "--from", str(start), "--to", str(end), "--workers", str(workers)]
-    proc = subprocess.run(_cli(*args), env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cli_argv(*args), env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     _wait_backends_gone(db)
     return proc
 

@@ -22,7 +22,6 @@ import re
 import secrets
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,13 +42,12 @@ from orderbook_pipelines.devchain.anvil import Anvil, free_port
 from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, write_config
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import new_database
+from tests.conftest import ORDERBOOK, new_database
 from tests.test_alerts import alert_metric_names
 from tests.test_runbooks import RUNBOOKS, documented_commands
 from tests.test_security import Logins
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
 TOKEN = "ops-" + secrets.token_hex(12)
 SLOTS = 8  # anvil --slots-in-an-epoch: its `finalized` tag is head - 2 * SLOTS, its `safe` tag head - SLOTS
 CONFIRMATIONS = 2

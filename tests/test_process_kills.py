@@ -28,13 +28,12 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.live.cluster import owner_of
 from orderbook_pipelines.storage.checkpoints import all_ranges
 from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import DevChain, make_devchain, new_database
+from tests.conftest import DevChain, cli_argv, make_devchain, new_database
 from tests.fork_support import ChainTruth, ResetBookClient, wait_for
 from tests.test_crash_resume import (
     APP,
     Reference,
     _assert_consistent,
-    _cli,
     _dump,
     _final_ranges,
     _ingest_in_process,
@@ -116,7 +115,7 @@ class LiveProcess:
             env.update(REDIS_URL=REDIS_URL, OBP_REDIS_PREFIX=cluster_prefix)
         self.log = log_dir / f"live-{self.port}.log"
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(_cli("live", "serve", "--port", str(self.port), *args), env=env,
+            self.proc = subprocess.Popen(cli_argv("live", "serve", "--port", str(self.port), *args), env=env,
                                          cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
@@ -299,7 +298,7 @@ def test_ingest_sigkilled_inside_a_range_write_then_rerun_equals_a_clean_ingest(
         env = {k: v for k, v in os.environ.items() if k != "OBP_CRASH_AT"}
         env.update(DATABASE_URL=db, OBP_CONFIG=str(ichain.config_path), PGAPPNAME=APP)
         args = ["ingest", "--from", str(iclean.start), "--to", str(iclean.end), "--workers", str(workers)]
-        proc = subprocess.Popen(_cli(*args), env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cli_argv(*args), env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         skip = rng.randint(1, max(1, len(iclean.ranges) // 2))  # let a few ranges commit first
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.recovery.restore import build_snapshots
 from orderbook_pipelines.recovery.store import store_snapshots
 from orderbook_pipelines.storage.db import drop_database, engine_for
-from tests.conftest import DevChain, new_database
+from tests.conftest import DevChain, cli_argv, new_database
 
 # Every durable table, without the columns that record *when* a row was written.
 TABLES = {
@@ -75,10 +74,6 @@ def clean(simulated_chain: DevChain, tmp_path_factory: pytest.TempPathFactory) -
     store_snapshots(engine, build_snapshots(engine)[0], tmp_path_factory.mktemp("clean-objects"))
     yield _dump(db)
     drop_database(db)
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from orderbook_pipelines.cli import app; app()", *args]
 
 
 def _wait_blocked(db: str, proc: subprocess.Popen, pattern: str) -> int:
@@ -137,7 +132,7 @@ def test_kill_9_mid_write_then_restart_loses_and_duplicates_nothing(
                "OBP_SNAPSHOT_DIR": str(tmp_path / "objects")}
         locker = engine_for(db).connect()
         locker.execute(text(f"LOCK TABLE {table} IN SHARE MODE"))  # held until rollback: the pipeline's write waits
-        proc = subprocess.Popen(_cli(*args), env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cli_argv(*args), env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             backend = _wait_blocked(db, proc, pattern)
@@ -152,7 +147,7 @@ def test_kill_9_mid_write_then_restart_loses_and_duplicates_nothing(
         for name in untouched:
             assert after_kill[name] == before[name], f"{name}: a killed write must leave no trace"
 
-        restart = subprocess.run(_cli(*args), env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        restart = subprocess.run(cli_argv(*args), env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
         assert restart.returncode == 0, restart.stderr
         got = _dump(db)
         if command == "ingest":  # no snapshots taken in this scenario; compare everything else

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from orderbook_pipelines.ingestion.reconcile import reconcile
 from orderbook_pipelines.quality.exporter import registry_for
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from orderbook_pipelines.storage.writer import ReorgDetected
-from tests.conftest import Anvil, DevChain, make_devchain
+from tests.conftest import ORDERBOOK, Anvil, DevChain, make_devchain
 from tests.test_reconcile import _fresh_state, _ingest, _state, _stored_ranges, _table
 
-ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
 REORG_SQL = "SELECT fork_block, depth, old_hash, new_hash, repaired, events_deleted, events_inserted FROM reorgs"
 REPLACED = 18  # final blocks the fork replaces, at least
 

@@ -97,10 +97,18 @@ def test_every_runbook_follows_the_format() -> None:
 
 
 def test_the_format_check_catches_a_broken_runbook() -> None:
+    """Each kind of damage is reported as that damage, and only it (not merely "something is wrong")."""
     good = RUNBOOKS[0].read_text()
     assert format_problems("good.md", good) == []
-    assert format_problems("x.md", good.replace("## Verify", "## Afterwards"))  # renamed section
+    renamed = [*SECTIONS[:-1], "Afterwards"]
+    assert format_problems("x.md", good.replace("## Verify", "## Afterwards")) == [
+        f"x.md: sections {renamed}, expected {SECTIONS}"]
+    swapped = ["Impact", "Symptom", *SECTIONS[2:]]
     assert format_problems("x.md", good.replace("## Impact", "## Tmp").replace("## Symptom", "## Impact")
-                           .replace("## Tmp", "## Symptom"))  # swapped order
-    fix = good.index("## Fix")
-    assert format_problems("x.md", good[:fix] + "## Fix\nJust fix it.\n\n" + good[good.index("## Verify"):])
+                           .replace("## Tmp", "## Symptom")) == [f"x.md: sections {swapped}, expected {SECTIONS}"]
+    fix, verify = good.index("## Fix"), good.index("## Verify")
+    assert format_problems("x.md", good[:fix] + "## Fix\nJust fix it.\n\n" + good[verify:]) == [
+        "x.md: section Fix shows nothing to run (no fenced block)"]
+    assert format_problems("x.md", good[:verify] + "## Verify\n") == ["x.md: section Verify is empty"]
+    assert format_problems("x.md", good.replace("# Runbook: ", "# ", 1)) == [
+        "x.md: the first line is not `# Runbook: <title>`"]

@@ -33,7 +33,7 @@ from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.ingestion.ingest import ingest_range
 from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.storage.db import drop_database, engine_for, libpq_url, sqlalchemy_url
-from tests.conftest import PG_SERVER, Anvil, DevChain, make_devchain, new_database
+from tests.conftest import ORDERBOOK, PG_SERVER, Anvil, DevChain, make_devchain, new_database
 from tests.live_harness import running_service
 
 GROUPS = ("obp_indexer", "obp_api", "obp_analyst", "obp_user")
@@ -316,7 +316,7 @@ def test_secret_files_reach_a_real_process_and_are_not_printed(tmp_path: Path) -
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["DATABASE_URL_FILE"] = str(secret)
     try:
-        r = subprocess.run([str(Path(sys.executable).parent / "orderbook"), "db", "init"], env=env,
+        r = subprocess.run([ORDERBOOK, "db", "init"], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert password not in r.stdout + r.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,9 @@ from orderbook_pipelines.devchain.anvil import Anvil, free_port
 from orderbook_pipelines.devchain.simulator import Simulator
 from orderbook_pipelines.live.service import ServiceOptions
 from orderbook_pipelines.storage.db import engine_for
-from tests.conftest import DevChain, eventually, make_devchain
+from tests.conftest import ORDERBOOK, DevChain, eventually, make_devchain
 from tests.live_harness import running_service
 
-ORDERBOOK = str(Path(sys.executable).parent / "orderbook")
 GEN1, GEN2 = ["SILVER_V1", "GOLD_V1"], ["ALUMINUM_V1"]
 OTHER_CHAIN_ID = 999
 TABLES = ("order_events", "rejected_logs", "blocks", "ingestion_checkpoints", "trades", "orders", "positions",

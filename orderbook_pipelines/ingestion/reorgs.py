@@ -114,8 +114,9 @@ def record_detected(config: ProjectConfig, chain: ChainClient, engine: Engine, s
             fork = find_fork(conn, chain, cid, end)
             if fork is None:
                 return None
-            keys = {range_key(c.range_start, c.range_end) for c in checkpoints.all_ranges(conn, cid)
-                    if c.processed_to >= fork.block and c.range_start <= fork.highest}
+            # the stored ranges over the replaced blocks, less a partial one that stops below the fork
+            keys = {range_key(c.range_start, c.range_end)
+                    for c in checkpoints.in_scope(conn, cid, fork.block, fork.highest) if c.processed_to >= fork.block}
             reorg = Reorg(fork.block, fork.highest - fork.block + 1, fork.old_hash, fork.new_hash,
                           sorted(keys | {range_key(start, end)}))
             record(conn, config, reorg, run_id=run_id, details={"detected_by": "ingestion"})
