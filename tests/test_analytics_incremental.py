@@ -186,11 +186,21 @@ def test_a_repair_committed_while_a_load_reads_is_seen_by_the_next_load(pg: Engi
     sink.close()
 
 
+# trades_fact as docs/analytics.md promises it, stated here rather than read from sink.TRADES: exact uint256 digit
+# strings, DECIMAL(38,18) human units, Float64 notional, time keys block_time (naive UTC) / ts (epoch s) / day.
+TRADES_FACT_COLUMNS = {
+    "market_id": pl.Int32, "metric_id": pl.String, "chain_id": pl.Int64, "block_number": pl.Int64,
+    "log_index": pl.Int32, "block_time": pl.Datetime("us"), "ts": pl.Int64, "day": pl.Date, "tx_hash": pl.String,
+    "decimals": pl.Int32, "price_raw": pl.String, "quantity_raw": pl.String, "price": pl.Decimal(38, 18),
+    "quantity": pl.Decimal(38, 18), "notional": pl.Float64, "buyer": pl.String, "seller": pl.String,
+}
+
+
 def test_frames_keep_the_table_schema(pg: Engine, tmp_path: Path) -> None:
     sink = _sink(tmp_path / "e.duckdb")
     empty = load_all(pg, sink)
     assert empty.rows == 0 and empty.to_block == -1
-    assert empty.frame.schema == pl.DataFrame(schema=TRADES.polars_schema()).schema
+    assert list(empty.frame.schema.items()) == list(TRADES_FACT_COLUMNS.items())
     sink.close()
 
 

@@ -24,6 +24,7 @@ from orderbook_pipelines.ingestion.ranges import ranges_up_to
 from orderbook_pipelines.recovery.restore import build_snapshots
 from orderbook_pipelines.recovery.store import store_snapshots
 from orderbook_pipelines.storage.db import drop_database, engine_for
+from orderbook_pipelines.storage.projections import ORDERS_WRITE
 from tests.conftest import DevChain, cli_argv, new_database
 
 # Every durable table, without the columns that record *when* a row was written.
@@ -107,10 +108,9 @@ def _backend_gone(db: str, pid: int) -> None:
 #  tables the killed transaction writes: they must be exactly as before the kill)
 SCENARIOS = {
     "event-write": ("ingestion_checkpoints", "INSERT INTO ingestion_checkpoints", "ingest", 3, set(TABLES)),
-    # (pg_stat_activity keeps the first 1 kB of a query: the orders upsert is known by its opening CTE; the
+    # (pg_stat_activity keeps the first 1 kB of a query: every orders write opens with the same comment; the
     #  range's events share its transaction, so nothing of the range may be visible: one unit of work)
-    "projection-write": ("orders", "WITH touched AS ( SELECT DISTINCT contract, order_id", "ingest", 3,
-                         set(TABLES)),
+    "projection-write": ("orders", ORDERS_WRITE, "ingest", 3, set(TABLES)),
     "snapshot-write": ("depth_snapshots", "DELETE FROM depth_snapshots", "snapshot", None, set(TABLES)),
 }
 

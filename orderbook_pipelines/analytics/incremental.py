@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.analytics import queries, transforms
 from orderbook_pipelines.analytics.sink import CANDLES, LOADS, MARKET_DAILY, TRADES, AnalyticsSink, where_market
-from orderbook_pipelines.storage.checkpoints import frontier
+from orderbook_pipelines.storage.checkpoints import contiguous
 
 TRADES_LOAD, CANDLES_LOAD, DAILY_LOAD = "trades", "candles", "market_daily"
 DAY = 86_400
@@ -78,33 +78,53 @@ def _lower(sink: AnalyticsSink, market_id: int, block: int, have: dict[str, Load
             _save(sink, market_id, name, LoadState(block - 1))
 
 
-# A checkpoint row's 32-bit xmin widened to the 64-bit id with the epoch of the snapshot's xmax (rows are younger
-# than 2^32 transactions; a frozen row's id reads as old, hence visible: never "changed").
-_CHANGED_BELOW = text("""
+# Every checkpoint of the chain, read once per load: the frontier, the range counts and the changed ranges all come
+# from these rows. `changed`: a transaction unseen by the snapshot `:snap` wrote the row (NULL when `:snap` is NULL).
+# The row's 32-bit xmin is widened to the 64-bit id with the epoch of THIS transaction's xmax: every row it sees
+# was written before that, and rows are younger than 2^32 transactions (a frozen row's id reads as old, hence
+# visible: never "changed"). (The old snapshot's epoch would misread a row written after it once the cluster's
+# transaction ids pass 2^32: one epoch too old, so "seen", and a repaired range would not be reloaded.)
+_CHECKPOINTS = text("""
     WITH s AS (SELECT CAST(:snap AS pg_snapshot) AS snap,
-                      CAST(CAST(pg_snapshot_xmax(CAST(:snap AS pg_snapshot)) AS text) AS numeric) AS xmax)
-    SELECT min(c.range_start) AS changed, count(*) AS ranges
+                      CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS numeric) AS xmax)
+    SELECT c.range_start, c.range_end, c.processed_to,
+           NOT pg_visible_in_snapshot(CAST(CAST(
+             (SELECT CASE WHEN v > s.xmax THEN v - 4294967296 ELSE v END
+              FROM (SELECT floor(s.xmax / 4294967296) * 4294967296 + CAST(CAST(c.xmin AS text) AS numeric) AS v) x)
+           AS text) AS xid8), s.snap) AS changed
     FROM ingestion_checkpoints c CROSS JOIN s
-    WHERE c.chain_id = :c AND c.range_start <= :w
-      AND NOT pg_visible_in_snapshot(CAST(CAST(
-            (SELECT CASE WHEN v > s.xmax THEN v - 4294967296 ELSE v END
-             FROM (SELECT floor(s.xmax / 4294967296) * 4294967296 + CAST(CAST(c.xmin AS text) AS numeric) AS v) x)
-          AS text) AS xid8), s.snap)
+    WHERE c.chain_id = :c
+    ORDER BY c.range_start
 """)
-_RANGES_BELOW = text("SELECT count(*) FROM ingestion_checkpoints WHERE chain_id = :c AND range_start <= :w")
 
 
-def _replace_from(conn: Connection, chain_id: int, old: LoadState, new_frontier: int) -> int:
+@dataclass(frozen=True)
+class _Range:
+    start: int
+    end: int
+    processed_to: int
+    changed: bool  # written by a transaction the old load's snapshot did not see
+
+
+def _ranges(conn: Connection, chain_id: int, snapshot: str | None) -> list[_Range]:
+    """The chain's checkpoints, flagged against the old load's `snapshot` (None: no comparison, none flagged)."""
+    rows = conn.execute(_CHECKPOINTS, {"c": chain_id, "snap": snapshot or None})
+    return [_Range(r.range_start, r.range_end, r.processed_to, bool(r.changed)) for r in rows]
+
+
+def _below(ranges: list[_Range], block: int) -> list[_Range]:
+    """The ranges a load through `block` covers: it records their count, so a later load sees one vanish."""
+    return [r for r in ranges if r.start <= block]
+
+
+def _replace_from(ranges: list[_Range], old: LoadState, new_frontier: int) -> int:
     """The lowest block whose stored trades may differ from what the old load read (-1: reload everything)."""
-    p = {"c": chain_id, "w": old.block}
     if not old.snapshot:
         return -1
-    changed = conn.execute(_CHANGED_BELOW, {**p, "snap": old.snapshot}).one()
-    ranges = conn.execute(_RANGES_BELOW, p).scalar_one()
-    if ranges != old.ranges:  # a range at or below the old frontier vanished: no telling what went with it
+    below = _below(ranges, old.block)
+    if len(below) != old.ranges:  # a range at or below the old frontier vanished: no telling what went with it
         return -1
-    lowest = min(old.block, new_frontier) + 1
-    return lowest if changed.changed is None else min(lowest, int(changed.changed))
+    return min([min(old.block, new_frontier) + 1, *(r.start for r in below if r.changed)])
 
 
 def load_trades(engine: Engine, sink: AnalyticsSink, market_id: int, full: bool = False) -> TradesLoad:
@@ -115,18 +135,19 @@ def load_trades(engine: Engine, sink: AnalyticsSink, market_id: int, full: bool 
         chain_id = conn.execute(text("SELECT chain_id FROM markets WHERE market_id = :m"),
                                 {"m": market_id}).scalar_one()
         snap = conn.execute(text("SELECT CAST(pg_current_snapshot() AS text)")).scalar_one()
-        top = frontier(conn, chain_id)
-        top = -1 if top is None else top
         name = transforms.market(conn, market_id).label
         renamed = old is not None and _stored_name(sink, market_id) not in (None, name)
-        start = -1 if full or old is None or renamed else _replace_from(conn, chain_id, old, top)
+        prev = None if full or old is None or renamed else old  # None: reload everything
+        ranges = _ranges(conn, chain_id, prev.snapshot if prev else None)
+        top = contiguous((r.start, r.end, r.processed_to) for r in ranges)
+        top = -1 if top is None else top
+        start = -1 if prev is None else _replace_from(ranges, prev, top)
         df = transforms.extract_trades(conn, market_id, max(start, 0), top)  # empty when start > top
-        ranges = conn.execute(_RANGES_BELOW, {"c": chain_id, "w": top}).scalar_one()
     n = 0
     if start < 0 or start <= max(top, old.block if old else -1):  # rows to insert, or stale rows to delete
         _lower(sink, market_id, max(start, 0), have)
         n = sink.replace_market(TRADES, market_id, df, None if start < 0 else ("block_number", start))
-    _save(sink, market_id, TRADES_LOAD, LoadState(top, snap, int(ranges)))
+    _save(sink, market_id, TRADES_LOAD, LoadState(top, snap, len(_below(ranges, top))))
     return TradesLoad(market_id, start, top, n, start < 0, df)
 
 

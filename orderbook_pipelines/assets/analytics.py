@@ -29,7 +29,15 @@ from dagster import (
 from sqlalchemy import Connection
 
 from orderbook_pipelines.analytics import incremental, queries, transforms
-from orderbook_pipelines.analytics.sink import CANDLES, LIQUIDITY, MARKET_DAILY, TRADES, AnalyticsSink
+from orderbook_pipelines.analytics.sink import (
+    CANDLES,
+    LIQUIDITY,
+    MARKET_DAILY,
+    TRADES,
+    AnalyticsSink,
+    Table,
+    where_market,
+)
 from orderbook_pipelines.partitions import markets
 from orderbook_pipelines.resources import AnalyticsResource, PostgresResource
 from orderbook_pipelines.storage.registry import market_names, resolve_market
@@ -145,7 +153,7 @@ def analytics_trades(context: AssetExecutionContext, config: LoadConfig, postgre
         m = transforms.market(conn, mid)
     with analytics.open() as sink:
         load = incremental.load_trades(postgres.engine(), sink, mid, full=config.full_refresh)
-        where = f"market_id = {int(mid)}"
+        where = where_market(mid)
         totals = sink.query(f"SELECT count(*) AS n, sum(notional) AS notional, min(block_time) AS t0, "
                             f"max(block_time) AS t1 FROM {TRADES.name} WHERE {where}").row(0, named=True)
         daily = sink.query(f"SELECT day, sum(notional) AS notional, count(*) AS trades FROM {TRADES.name} "
@@ -164,11 +172,13 @@ def analytics_trades(context: AssetExecutionContext, config: LoadConfig, postgre
     })
 
 
-def _sink_frame(sink: AnalyticsSink, table: str, schema: dict, market_id: int, order: str) -> pl.DataFrame:
-    df = sink.query(f"SELECT * FROM {table} WHERE market_id = {int(market_id)} ORDER BY {order}")
+def _sink_frame(sink: AnalyticsSink, table: Table, market_id: int, order: str) -> pl.DataFrame:
+    """The market's stored rows in the table's own schema (an engine's empty result carries its own types)."""
+    df = sink.query(f"SELECT * FROM {table.name} WHERE {where_market(market_id)} ORDER BY {order}")
+    schema = table.polars_schema()
     if df.is_empty():
         return pl.DataFrame(schema=schema)
-    return df.select(list(schema)).cast(schema)
+    return df.select(table.names).cast(schema)  # type: ignore[arg-type]
 
 
 CANDLE_CHECKS = {
@@ -180,10 +190,17 @@ CANDLE_CHECKS = {
 }
 
 
-def check_candles(sink: AnalyticsSink, market_id: int, since_ts: int = 0) -> list[AssetCheckResult]:
+def _stored_candles(sink: AnalyticsSink, market_id: int) -> pl.DataFrame:
+    """The market's candles ordered by grain, ts: a grain's rows are in time order (the hourly series relies on it)."""
+    return _sink_frame(sink, CANDLES, market_id, "grain, ts")
+
+
+def check_candles(sink: AnalyticsSink, market_id: int, since_ts: int = 0,
+                  stored: pl.DataFrame | None = None) -> list[AssetCheckResult]:
     """Candles against the fact table, recomputed by the engine (not by the polars code that built them); the
-    windows from the day-aligned `since_ts` on (what a load rewrote) for OHLC, every window for the sums."""
-    c = _sink_frame(sink, CANDLES.name, CANDLES.polars_schema(), market_id, "grain, ts")
+    windows from the day-aligned `since_ts` on (what a load rewrote) for OHLC, every window for the sums.
+    `stored`: the market's candles as _stored_candles read them, when the caller has them already."""
+    c = _stored_candles(sink, market_id) if stored is None else stored
     exp = queries.ohlc_from_trades(sink, market_id, since_ts)
     c_all, c = c, c.filter(pl.col("ts") >= since_ts)
     dec = pl.Decimal(38, 18)
@@ -206,7 +223,7 @@ def check_candles(sink: AnalyticsSink, market_id: int, since_ts: int = 0) -> lis
     results.append(AssetCheckResult(check_name="vwap_within_low_high", passed=out.is_empty(),
                                     severity=AssetCheckSeverity.ERROR, metadata={"violations": out.height}))
     totals = sink.query(f"SELECT sum(quantity) AS q, count(*) AS n FROM {TRADES.name} "
-                        f"WHERE market_id = {int(market_id)}").row(0, named=True)
+                        f"WHERE {where_market(market_id)}").row(0, named=True)
     total_q, total_n = totals["q"] or 0, int(totals["n"] or 0)
     sums = c_all.group_by("grain").agg(pl.col("volume").sum(), pl.col("trades").sum())
     wrong = [r["grain"] for r in sums.iter_rows(named=True) if r["volume"] != total_q or r["trades"] != total_n]
@@ -228,13 +245,10 @@ def analytics_candles(context: AssetExecutionContext, config: LoadConfig, postgr
     with analytics.open() as sink:
         load = incremental.load_candles(sink, mid, full=config.full_refresh)
         since = 0 if load.since is None else incremental.epoch(load.since)
-        checks = check_candles(sink, mid, since)
-        c = sink.query(f"SELECT * FROM (SELECT * FROM {CANDLES.name} WHERE market_id = {int(mid)} AND grain = '1h' "
-                       f"ORDER BY ts DESC LIMIT {SERIES_POINTS}) AS t ORDER BY ts")
-        per_grain = dict(sink.query(f"SELECT grain, count(*) AS n FROM {CANDLES.name} WHERE market_id = {int(mid)} "
-                                    "GROUP BY grain").iter_rows())
-    schema = CANDLES.polars_schema()
-    hourly = c.select(CANDLES.names).cast(schema) if c.height else pl.DataFrame(schema=schema)  # type: ignore[arg-type]
+        stored = _stored_candles(sink, mid)  # read once: the checks and the metadata use the same rows
+        checks = check_candles(sink, mid, since, stored)
+    hourly = stored.filter(pl.col("grain") == "1h").tail(SERIES_POINTS)  # ordered by grain, ts
+    per_grain = dict(stored.group_by("grain").len().iter_rows())
     prices = hourly.select(pl.col("close").cast(pl.Float64), "vwap", "twap")
     return MaterializeResult(check_results=checks, metadata={
         **_time_meta(load.frame, "bucket_start"),
@@ -286,11 +300,9 @@ def analytics_market_daily(context: AssetExecutionContext, config: LoadConfig, p
     mid = _market_id(context, postgres)
     with analytics.open() as sink:
         load = incremental.load_market_daily(sink, mid, full=config.full_refresh)
-        where = f"market_id = {int(mid)}"
-        d = sink.query(f"SELECT * FROM {MARKET_DAILY.name} WHERE {where} ORDER BY day")
-        t = sink.query(f"SELECT sum(quantity) AS q, count(*) AS n FROM {TRADES.name} WHERE {where}").row(0, named=True)
-    if d.height:
-        d = d.select(MARKET_DAILY.names).cast(MARKET_DAILY.polars_schema())  # type: ignore[arg-type]
+        d = _sink_frame(sink, MARKET_DAILY, mid, "day")
+        t = sink.query(f"SELECT sum(quantity) AS q, count(*) AS n FROM {TRADES.name} "
+                       f"WHERE {where_market(mid)}").row(0, named=True)
     trades = int(t["n"] or 0)
     ok = (d["volume"].sum() if d.height else 0) == (t["q"] or 0) and \
         (int(d["trades"].sum()) if d.height else 0) == trades

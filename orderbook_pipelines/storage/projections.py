@@ -68,6 +68,9 @@ _FIRST = "ORDER BY e.block_number, e.log_index"
 _ORDER_COLUMNS = ("market_id", "chain_id", "contract", "order_id", "trader", "side", "order_type", "price",
                   "quantity", "filled", "remaining", "status", "fill_count", "created_block", "created_log",
                   "updated_block", "created_at", "updated_at")
+# Every statement that writes `orders` opens with this comment: what pg_stat_activity shows an operator (and the
+# crash tests) first, whichever of the three forms below runs.
+ORDERS_WRITE = "/* orders projection */"
 _UPSERT_ORDERS = f"""
     INSERT INTO orders ({", ".join(_ORDER_COLUMNS)})
     SELECT {{select}}
@@ -83,7 +86,7 @@ def _orders_sql(touched: str) -> str:
     """Every touched order recomputed from all its stored events. One aggregate pass over the touched orders'
     events. (Two aggregates joined to each other planned as a nested loop on fresh partitions without
     statistics: quadratic in the range size, bench/backfill.py.) `order_state` below is the same rule in Python."""
-    return f"""
+    return f"""{ORDERS_WRITE}
     WITH touched AS ({touched}), agg AS (
         SELECT e.contract, e.order_id,
                (array_agg(e.market_id {_FIRST}) {_OPEN})[1] AS market_id,
@@ -329,7 +332,7 @@ def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, 
             with cur.copy(f"COPY stage_orders ({cols}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
-            cur.execute(_UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
+            cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
             changed += max(cur.rowcount, 0)
     return ProjectionResult(rows=changed, keys=len(touched))
 
