@@ -15,7 +15,7 @@ import binascii
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from orderbook_pipelines.book.checksum import book_checksum
 from orderbook_pipelines.live import metrics
-from orderbook_pipelines.live.hub import Hub
+from orderbook_pipelines.live.hub import Hub, depth_json, opt_str
 from orderbook_pipelines.live.ratelimit import MovingWindow
 from orderbook_pipelines.storage import checkpoints
 
@@ -57,6 +57,19 @@ _KNOWN = {
     "/api/compat/orders": {"trader", "metricId", "limit", "offset", "type"},
     "/api/markets/summary": set(),
 }
+# The orders both order routes list (/api/orders and /api/compat/orders): columns, filter (bound by
+# Api._order_filter) and newest-first order; the routes differ only in paging and in the response's shape.
+_ORDER_COLUMNS = ("o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
+                  "o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block")
+_ORDER_FILTER = ("o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
+                 "AND (CAST(:m AS integer) IS NULL OR o.market_id = :m) "
+                 "AND (CAST(:st AS text[]) IS NULL OR o.status = ANY(:st))")
+_NEWEST_FIRST = "ORDER BY o.created_block DESC, o.created_log DESC"
+# /api/compat/orders' item: today's field names, in its order, for the same values as /api/orders' item
+_COMPAT_ORDER_FIELDS = (("orderId", "order_id"), ("metricId", "market"), ("trader", "trader"), ("side", "side"),
+                        ("orderType", "type"), ("price", "price"), ("quantity", "quantity"), ("filled", "filled"),
+                        ("remaining", "remaining"), ("status", "status"), ("createdBlock", "created_block"),
+                        ("updatedBlock", "updated_block"))
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -108,6 +121,22 @@ def _time(q: dict[str, str], name: str) -> datetime | None:
         return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
     except OverflowError:
         raise BadRequest(name, f"{name} must lie between 0001-01-01 and 9999-12-31 UTC") from None
+
+
+def _trader(q: dict[str, str]) -> str | None:
+    """The optional `trader` of both order routes, lower-cased as orders.trader stores it."""
+    trader = q.get("trader")
+    if trader is not None and not _TRADER.fullmatch(trader):
+        raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
+    return trader.lower() if trader is not None else None
+
+
+def _order_item(r: tuple, names: dict[int, str]) -> dict[str, Any]:
+    """One row of _ORDER_COLUMNS as /api/orders lists it."""
+    return {"market": names.get(r[2]), "order_id": r[3], "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
+            "type": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
+            "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "created_block": r[0],
+            "updated_block": r[12]}
 
 
 def _shift(t: datetime, by: timedelta) -> datetime:
@@ -182,16 +211,22 @@ class Api:
             raise BadRequest(None, f"the live service is starting: {why}", 503, "not_ready")
         return q
 
-    def _market(self, q: dict[str, str], required: bool = True) -> int | None:
-        name = q.get("market")
+    def _market(self, q: dict[str, str], required: bool = True, param: str = "market") -> int | None:
+        """The published market named by `param` (`metricId` on the compat route)."""
+        name = q.get(param)
         if name is None:
             if required:
-                raise BadRequest("market", "market is required")
+                raise BadRequest(param, f"{param} is required")
             return None
         m = self.hub.by_name.get(name)
         if m is None or m not in self.hub.publishable:
-            raise BadRequest("market", f"unknown market {name!r}", 404, "unknown_market")
+            raise BadRequest(param, f"unknown market {name!r}", 404, "unknown_market")
         return m
+
+    def _order_filter(self, trader: str | None, m: int | None, statuses: Sequence[str] | None) -> dict[str, Any]:
+        """Bind parameters of _ORDER_FILTER: published markets only (a market unpublished later drops out), then
+        the optional trader, market and statuses."""
+        return {"pub": sorted(self.hub.publishable), "t": trader, "m": m, "st": list(statuses) if statuses else None}
 
     def timed(self, route: str, fn: Handler) -> Handler:
         latency = metrics.API_LATENCY.labels(route)
@@ -255,11 +290,8 @@ class Api:
         v = hub.views.get(m)  # type: ignore[arg-type]
         if v is None:
             raise BadRequest("market", "no book for this market yet", 503, "not_ready")
-        bids, asks = v.bids[:levels], v.asks[:levels]
-        body = orjson.dumps({"market": q["market"], "seq": v.seq,
-                             "block": {"number": v.block_number, "hash": v.block_hash},
-                             "bids": [[str(p), str(s)] for p, s in bids], "asks": [[str(p), str(s)] for p, s in asks],
-                             "checksum": book_checksum(bids, asks, levels), "paused": hub.is_paused(m)})  # type: ignore[arg-type]
+        body = orjson.dumps({"market": q["market"], **depth_json(v, levels),
+                             "checksum": book_checksum(v.bids, v.asks, levels), "paused": hub.is_paused(m)})  # type: ignore[arg-type]
         self._depth[key] = (hub.version, body)  # type: ignore[index]
         return Body(body)
 
@@ -295,51 +327,36 @@ class Api:
 
     async def orders(self, request: Request) -> Response:
         q = self._query(request)
-        trader = q.get("trader")
-        if trader is not None and not _TRADER.fullmatch(trader):
-            raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
+        trader = _trader(q)
         m = self._market(q, required=trader is None)
         status = q.get("status")
         if status is not None and status not in STATUSES and status not in STATUS_GROUPS:
             raise BadRequest("status", f"status must be one of {sorted(STATUSES | set(STATUS_GROUPS))}")
-        statuses = list(STATUS_GROUPS.get(status, (status,))) if status else None
+        statuses = STATUS_GROUPS.get(status, (status,)) if status else None
         limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         cursor = decode_cursor(q.get("cursor"), 2)
-        published = sorted(self.hub.publishable)
-        sql = ("SELECT o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
-               "o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block FROM orders o "
-               "WHERE o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
-               "AND (CAST(:m AS integer) IS NULL OR o.market_id = :m) "
-               "AND (CAST(:st AS text[]) IS NULL OR o.status = ANY(:st)) "
+        sql = (f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE {_ORDER_FILTER} "
                "AND (CAST(:cb AS bigint) IS NULL OR (o.created_block, o.created_log) < (:cb, :cl)) "
-               "ORDER BY o.created_block DESC, o.created_log DESC LIMIT :lim")
-        params = {"pub": published, "t": trader.lower() if trader else None, "m": m, "st": statuses,
-                  "cb": cursor[0] if cursor else None, "cl": cursor[1] if cursor else None, "lim": limit + 1}
+               f"{_NEWEST_FIRST} LIMIT :lim")
+        params = {**self._order_filter(trader, m, statuses), "cb": cursor[0] if cursor else None,
+                  "cl": cursor[1] if cursor else None, "lim": limit + 1}
         ingested = await self.ingested()
         rows = await run_in_threadpool(self._rows, sql, params)
         page = rows[:limit]
         nxt = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
         names = self.hub.names
-        return JSON({"orders": [
-            {"market": names.get(r[2]), "order_id": r[3], "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
-             "type": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
-             "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "created_block": r[0],
-             "updated_block": r[12]} for r in page], "next_cursor": nxt, "as_of": self._as_of(ingested)})
+        return JSON({"orders": [_order_item(r, names) for r in page], "next_cursor": nxt,
+                     "as_of": self._as_of(ingested)})
 
     async def compat_orders(self, request: Request) -> Response:
         """Today's `/api/orders` shape for the frontend's migration (docs/pusher-compat.md): offset pages with a
         total, the market's live depth next to its orders, camelCase fields; same caps and 400s as /api/orders."""
         q = self._query(request)
-        trader = q.get("trader")
-        if trader is not None and not _TRADER.fullmatch(trader):
-            raise BadRequest("trader", "trader must be a 0x-prefixed 20-byte hex address")
+        trader = _trader(q)
         kind = q.get("type")
         if kind is not None and kind not in COMPAT_TYPES:
             raise BadRequest("type", f"type must be one of {sorted(COMPAT_TYPES)}")
-        name = q.get("metricId")
-        m = self.hub.by_name.get(name) if name is not None else None
-        if name is not None and (m is None or m not in self.hub.publishable):
-            raise BadRequest("metricId", f"unknown market {name!r}", 404, "unknown_market")
+        m = self._market(q, required=False, param="metricId")
         if kind == "market" and (m is None or trader is not None):
             raise BadRequest("metricId" if m is None else "trader",
                              "type=market lists one market's open orders of every trader: give metricId, not trader")
@@ -347,23 +364,16 @@ class Api:
             raise BadRequest("trader", "trader or metricId is required")
         limit = _int(q, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         offset = _int(q, "offset", 0, 0, MAX_OFFSET)
-        where = ("o.market_id = ANY(:pub) AND (CAST(:t AS text) IS NULL OR o.trader = :t) "
-                 "AND (CAST(:m AS integer) IS NULL OR o.market_id = :m) "
-                 "AND (CAST(:st AS text[]) IS NULL OR o.status = ANY(:st))")
-        params = {"pub": sorted(self.hub.publishable), "t": trader.lower() if trader else None, "m": m,
-                  "st": list(COMPAT_TYPES[kind]) if kind else None, "lim": limit, "off": offset}
+        params = {**self._order_filter(trader, m, COMPAT_TYPES[kind] if kind else None), "lim": limit, "off": offset}
         ingested = await self.ingested()
-        rows, total = await run_in_threadpool(self._page_and_total, (
-            "SELECT o.created_block, o.created_log, o.market_id, o.order_id, o.trader, o.side, o.order_type, "
-            f"o.price, o.quantity, o.filled, o.remaining, o.status, o.updated_block FROM orders o WHERE {where} "
-            "ORDER BY o.created_block DESC, o.created_log DESC, o.order_id LIMIT :lim OFFSET :off"),
-            f"SELECT count(*) FROM orders o WHERE {where}", params)
+        rows, total = await run_in_threadpool(
+            self._page_and_total,
+            f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE {_ORDER_FILTER} {_NEWEST_FIRST}, o.order_id "
+            "LIMIT :lim OFFSET :off",
+            f"SELECT count(*) FROM orders o WHERE {_ORDER_FILTER}", params)
         names = self.hub.names
-        return JSON({"orders": [
-            {"orderId": r[3], "metricId": names.get(r[2]), "trader": r[4], "side": "buy" if r[5] == 0 else "sell",
-             "orderType": "market" if r[6] == 0 else "limit", "price": str(r[7]), "quantity": str(r[8]),
-             "filled": str(r[9]), "remaining": str(r[10]), "status": r[11], "createdBlock": r[0],
-             "updatedBlock": r[12]} for r in rows],
+        return JSON({"orders": [{new: item[old] for new, old in _COMPAT_ORDER_FIELDS}
+                                for item in (_order_item(r, names) for r in rows)],
             "marketDepth": self._compat_depth(m) if m is not None else None,
             "pagination": {"limit": limit, "offset": offset, "total": total, "hasMore": offset + len(rows) < total},
             "as_of": self._as_of(ingested)})
@@ -372,11 +382,7 @@ class Api:
         v = self.hub.views.get(m)
         if v is None:
             return None
-        bids, asks = v.bids[:COMPAT_DEPTH_LEVELS], v.asks[:COMPAT_DEPTH_LEVELS]
-        return {"metricId": self.hub.names.get(m), "seq": v.seq, "block": {"number": v.block_number,
-                                                                           "hash": v.block_hash},
-                "bids": [[str(p), str(q)] for p, q in bids], "asks": [[str(p), str(q)] for p, q in asks],
-                "bestBid": _s(bids[0][0] if bids else None), "bestAsk": _s(asks[0][0] if asks else None)}
+        return {"metricId": self.hub.names.get(m), **depth_json(v, COMPAT_DEPTH_LEVELS, best=True)}
 
     async def summary(self, request: Request) -> Response:
         self._query(request)
@@ -394,11 +400,13 @@ class Api:
             s = st.by_market.get(m)
             out.append({
                 "market": hub.names.get(m), "decimals": st.decimals.get(m),
-                "best_bid": _s(bid), "best_ask": _s(ask),
-                "mid": _s((bid + ask) // 2 if bid and ask else None), "spread": _s(ask - bid if bid and ask else None),
-                "volume_24h": _s(s[1] if s else 0), "high_24h": _s(s[2] if s else None),
-                "low_24h": _s(s[3] if s else None), "last": _s(s[4] if s else None), "trades_24h": s[5] if s else 0,
-                "open_interest": _s(st.open_interest.get(m, 0)), "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
+                "best_bid": opt_str(bid), "best_ask": opt_str(ask),
+                "mid": opt_str((bid + ask) // 2 if bid and ask else None),
+                "spread": opt_str(ask - bid if bid and ask else None),
+                "volume_24h": opt_str(s[1] if s else 0), "high_24h": opt_str(s[2] if s else None),
+                "low_24h": opt_str(s[3] if s else None), "last": opt_str(s[4] if s else None),
+                "trades_24h": s[5] if s else 0, "open_interest": opt_str(st.open_interest.get(m, 0)),
+                "seq": v.seq if v else 0, "paused": hub.is_paused(m)})
         body = orjson.dumps({"markets": out, "stats_as_of": st.computed_at,
                              "as_of": {"ingested_block": st.ingested_block, "live_block": live_block,
                                        "stats_computed_at": st.computed_at}})
@@ -449,7 +457,3 @@ class Api:
         with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             rows = [tuple(r) for r in conn.execute(text(sql), params)]
             return rows, int(conn.execute(text(count_sql), params).scalar_one())
-
-
-def _s(v: Any) -> str | None:
-    return None if v is None else str(v)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import orjson
 import redis
 
+from orderbook_pipelines.live.hub import levels_json
 from orderbook_pipelines.live.state import MarketView
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ class Cluster:
         """Publish a view as the market's owner; returns the global seq, or -1 if we are not the owner."""
         doc = orjson.dumps({"market": market, "seq": 0, "reason": reason,
                             "block": {"number": view.block_number, "hash": view.block_hash},
-                            "bids": [[str(p), str(q)] for p, q in view.bids],
-                            "asks": [[str(p), str(q)] for p, q in view.asks]}).decode()
+                            "bids": levels_json(view.bids), "asks": levels_json(view.asks)}).decode()
         assert self.worker_id is not None, "only a worker publishes"
         return int(self._publish(keys=[self.key("owner", market), self.key("seq", market), self.key("depth", market),
                                        self.key("updates", market)], args=[self.worker_id, doc]))

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, text
 
@@ -26,6 +27,9 @@ from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.coldstart import books_at, final_height
 from orderbook_pipelines.live.state import BlockRef, DeepReorg, LiveBooks, MarketView
 from orderbook_pipelines.storage import registry as reg_store
+
+if TYPE_CHECKING:
+    from orderbook_pipelines.live.pusher_channels import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ class Update:
     rows: list[OrderEventRow] = field(default_factory=list)
     reverted_from: int | None = None
     block_seen_at: float = 0.0
+    # order states the Pusher channels read in the follower thread (PusherChannels.prepare) for the loop
+    prepared: Prepared | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -42,11 +42,46 @@ class Limits:
 
 
 def dumps(msg: dict[str, Any]) -> str:
+    """A message as text, the form every WebSocket (ours and Pusher's) queues once and sends to many."""
     return orjson.dumps(msg).decode()
 
 
-def _levels_json(levels: Levels) -> list[list[str]]:
+def opt_str(v: Any) -> str | None:
+    """Amounts go out as decimal strings (a JSON number loses precision past 2**53); a missing one stays null."""
+    return None if v is None else str(v)
+
+
+def levels_json(levels: Levels) -> list[list[str]]:
+    """[[price, size], ...] as decimal strings: the one wire form of book levels, in every protocol."""
     return [[str(p), str(q)] for p, q in levels]
+
+
+class BookLike(Protocol):
+    """What `depth_json` reads: a market's view, or a book channel's last-sent view."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def block_number(self) -> int: ...
+    @property
+    def block_hash(self) -> str: ...
+    @property
+    def bids(self) -> Levels: ...
+    @property
+    def asks(self) -> Levels: ...
+
+
+def depth_json(book: BookLike, n: int, best: bool = False) -> dict[str, Any]:
+    """`seq`, `block` and the top `n` levels per side (then `bestBid`/`bestAsk` with `best`): the book body of the
+    WebSocket snapshot, /api/depth, /api/compat/orders and the Pusher price-update, built here only so that they
+    cannot drift apart. Callers put their market key before it and their extras after (dict order is wire order)."""
+    bids, asks = book.bids[:n], book.asks[:n]
+    out: dict[str, Any] = {"seq": book.seq, "block": {"number": book.block_number, "hash": book.block_hash},
+                           "bids": levels_json(bids), "asks": levels_json(asks)}
+    if best:
+        out["bestBid"] = opt_str(bids[0][0] if bids else None)
+        out["bestAsk"] = opt_str(asks[0][0] if asks else None)
+    return out
 
 
 class Conn:
@@ -168,9 +203,7 @@ class BookChannel:
         self.seq, self.block_number, self.block_hash = view.seq, view.block_number, view.block_hash
 
     def snapshot(self, resync: bool = False, reset: bool = False) -> str:
-        msg = {"type": "snapshot", **self.base(), "seq": self.seq,
-               "block": {"number": self.block_number, "hash": self.block_hash},
-               "bids": _levels_json(self.bids), "asks": _levels_json(self.asks),
+        msg = {"type": "snapshot", **self.base(), **depth_json(self, self.depth),
                "checksum": book_checksum(self.bids, self.asks, self.depth)}
         if resync:
             msg["resync"] = True
@@ -194,7 +227,7 @@ class BookChannel:
         self.seq, self.block_number, self.block_hash = view.seq, view.block_number, view.block_hash
         msg = dumps({"type": "delta", **self.base(), "seq": view.seq, "prev_seq": prev,
                      "block": {"number": view.block_number, "hash": view.block_hash},
-                     "bids": _levels_json(d_bids), "asks": _levels_json(d_asks),
+                     "bids": levels_json(d_bids), "asks": levels_json(d_asks),
                      "checksum": book_checksum(bids, asks, self.depth)})
         return msg
 

@@ -14,11 +14,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from orderbook_pipelines import obs
 from orderbook_pipelines.config import EnvSettings
 from orderbook_pipelines.config import Pusher as PusherConfig
+from orderbook_pipelines.live.hub import dumps
 
 PROTOCOL = 7
 MAX_CHANNEL_NAME = 164  # Pusher's limit on a channel name
@@ -115,18 +114,14 @@ def encode(event: str, data: str, channel: str | None = None) -> str:
     msg: dict[str, Any] = {"event": event, "data": data}
     if channel is not None:
         msg["channel"] = channel
-    return orjson.dumps(msg).decode()
-
-
-def dumps(data: dict[str, Any]) -> str:
-    return orjson.dumps(data).decode()
+    return dumps(msg)
 
 
 def error_message(code: str, message: str) -> str:
     """pusher:error; its data is an object in the protocol. `reason` names our error (an extension: clients
     that do not know it ignore it)."""
-    return orjson.dumps({"event": "pusher:error",
-                         "data": {"code": CODES.get(code, 4300), "message": message, "reason": code}}).decode()
+    return dumps({"event": "pusher:error",
+                  "data": {"code": CODES.get(code, 4300), "message": message, "reason": code}})
 
 
 def subscription_error(channel: str, kind: str, status: int, message: str) -> str:

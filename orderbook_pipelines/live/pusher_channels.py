@@ -8,7 +8,8 @@ every order they touched) and then a fresh `price-update`.
 
 Order state (filled, remaining, status) is not in an event row: `prepare` reads it in the follower thread,
 while the books are exactly at the update's block (the undo log of the block holds each order's state before
-it), and hands it to the loop with the update. Payloads: docs/pusher-compat.md.
+it), and stores it on the update (`Update.prepared`), which carries it to the loop. Payloads:
+docs/pusher-compat.md.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from orderbook_pipelines.book.model import BUY, MARKET, order_key
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.follower import Update
-from orderbook_pipelines.live.hub import Conn, Hub
-from orderbook_pipelines.live.pusher import ChannelRef, PusherSettings, dumps, encode
+from orderbook_pipelines.live.hub import Conn, Hub, depth_json, dumps, opt_str
+from orderbook_pipelines.live.pusher import ChannelRef, PusherSettings, encode
 from orderbook_pipelines.live.state import LiveBooks
 
 Subscribers = dict[str, set[Conn]]  # exact channel name -> connections (pusher-js routes by the exact name)
@@ -57,6 +58,8 @@ class RevertedOrder:
 
 @dataclass
 class Prepared:
+    """The order states of one update, read in the follower thread; they reach the loop as `Update.prepared`."""
+
     row_states: dict[int, OrderState] = field(default_factory=dict)  # row index -> state after that row
     reverted: list[RevertedOrder] = field(default_factory=list)
 
@@ -67,10 +70,6 @@ def _status(quantity: int | None, filled: int, cancelled: bool) -> str:
     if quantity is not None and filled >= quantity:
         return "filled"
     return "partially_filled" if filled > 0 else "open"
-
-
-def _s(v: int | None) -> str | None:
-    return None if v is None else str(v)
 
 
 def _side(v: int | None) -> str | None:
@@ -160,7 +159,6 @@ class PusherChannels:
         self.markets: dict[int, Subscribers] = defaultdict(dict)
         self.users: dict[str, Subscribers] = defaultdict(dict)
         self.tracker: OrderTracker | None = None
-        self._prepared: dict[int, Prepared] = {}  # id(update) -> its order states, from the follower thread
         hub.listeners.append(self.on_update)
 
     # -- follower thread ------------------------------------------------------------------------------------
@@ -168,9 +166,10 @@ class PusherChannels:
         self.tracker = OrderTracker(books)
 
     def prepare(self, update: Update) -> None:
-        """Follower thread, before the update is handed to the loop: read the order states it needs."""
+        """Follower thread, before the update is handed to the loop: read the order states it needs, onto the
+        update itself (the loop reads them in `on_update`; nothing to look up or leak when it never gets there)."""
         if self.tracker is not None:
-            self._prepared[id(update)] = self.tracker.prepare(update)
+            update.prepared = self.tracker.prepare(update)
 
     # -- subscriptions --------------------------------------------------------------------------------------
     def add(self, conn: Conn, ref: ChannelRef, market_id: int | None) -> None:
@@ -203,16 +202,12 @@ class PusherChannels:
         if v is None:
             return None
         n = self.settings.price_levels
-        bids, asks = v.bids[:n], v.asks[:n]
-        return dumps({"metricId": self.hub.names.get(market_id, str(market_id)), "seq": v.seq,
-                      "block": {"number": v.block_number, "hash": v.block_hash},
-                      "bids": [[str(p), str(q)] for p, q in bids], "asks": [[str(p), str(q)] for p, q in asks],
-                      "bestBid": _s(bids[0][0]) if bids else None, "bestAsk": _s(asks[0][0]) if asks else None,
-                      "levels": n, "checksum": book_checksum(bids, asks, n), "reason": reason})
+        return dumps({"metricId": self.hub.names.get(market_id, str(market_id)), **depth_json(v, n, best=True),
+                      "levels": n, "checksum": book_checksum(v.bids, v.asks, n), "reason": reason})
 
     def on_update(self, update: Update) -> None:
         """Hub listener (event loop): the update's events to every subscribed channel."""
-        prepared = self._prepared.pop(id(update), None) or Prepared()
+        prepared = update.prepared or Prepared()  # None: no tracker attached, or a cluster node's update from Redis
         if update.reason in ("reorg", "reset"):
             self._reorg(update, prepared)
         self._rows(update, prepared)
@@ -238,7 +233,7 @@ class PusherChannels:
             if r.kind == "trade":
                 if market_subs:
                     _send(market_subs, "trading-event", dumps({
-                        **common, "price": _s(r.price), "quantity": _s(r.quantity), "buyer": r.buyer,
+                        **common, "price": opt_str(r.price), "quantity": opt_str(r.quantity), "buyer": r.buyer,
                         "seller": r.seller}))
                 continue
             if r.kind not in ("open", "fill", "cancel") or r.order_id is None:
@@ -283,9 +278,9 @@ def _order_fields(metric_id: str, order_id: str, trader: str | None, st: OrderSt
     return {"metricId": metric_id, "orderId": order_id, "trader": trader,
             "side": _side(st.side) if st else None,
             "orderType": None if st is None or st.quantity is None else "limit" if st.is_limit else "market",
-            "price": _s(st.price) if st else None, "quantity": _s(st.quantity) if st else None,
+            "price": opt_str(st.price) if st else None, "quantity": opt_str(st.quantity) if st else None,
             "filled": str(st.filled) if st and st.quantity is not None else None,
-            "remaining": _s(st.remaining) if st else None, "status": st.status if st else None}
+            "remaining": opt_str(st.remaining) if st else None, "status": st.status if st else None}
 
 
 def _order_event(r: OrderEventRow, st: OrderState | None, common: dict[str, Any]) -> tuple[str, str]:
@@ -297,7 +292,7 @@ def _order_event(r: OrderEventRow, st: OrderState | None, common: dict[str, Any]
     if r.kind == "cancel":
         data["event"] = "cancelled"
         data["status"] = "cancelled"
-        data["cancelledQuantity"] = (_s(st.quantity - st.filled) if st is not None and st.quantity is not None
+        data["cancelledQuantity"] = (opt_str(st.quantity - st.filled) if st is not None and st.quantity is not None
                                      else None)
         return "order-cancelled", dumps(data)
     if r.kind == "open":
@@ -305,7 +300,7 @@ def _order_event(r: OrderEventRow, st: OrderState | None, common: dict[str, Any]
         data["fillQuantity"] = data["fillPrice"] = None
     else:
         data["event"] = "filled"
-        data["fillQuantity"], data["fillPrice"] = _s(r.quantity), _s(r.price)
+        data["fillQuantity"], data["fillPrice"] = opt_str(r.quantity), opt_str(r.price)
     return "order-update", dumps(data)
 
 

@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 
 from orderbook_pipelines.live import metrics
 from orderbook_pipelines.live.api import JSON, BadRequest
-from orderbook_pipelines.live.hub import Conn, Hub, Limits
+from orderbook_pipelines.live.hub import Conn, Hub, Limits, dumps
 from orderbook_pipelines.live.pusher import (
     CODES,
     PROTOCOL,
@@ -27,7 +27,6 @@ from orderbook_pipelines.live.pusher import (
     PusherSettings,
     auth_ok,
     auth_string,
-    dumps,
     encode,
     error_message,
     new_socket_id,
