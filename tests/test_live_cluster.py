@@ -106,3 +106,34 @@ def test_two_workers_and_an_api_process_serve_identical_gap_free_streams(
         keys = list(r.scan_iter(f"{prefix}*"))
         if keys:
             r.delete(*keys)
+
+
+def test_rows_with_uint256_amounts_cross_redis_unchanged() -> None:
+    """A worker publishes each block's rows for the API processes. Amounts are uint256 (a price of 120 with 18
+    decimals is already past 2**64): such a row must arrive equal, not fail the publish (it stalled the worker's
+    follower, one block per retry)."""
+    from orderbook_pipelines.chain.normalize import OrderEventRow
+    from orderbook_pipelines.live.node import rows_message, rows_of_message
+
+    rows = [OrderEventRow(31337, 7, "0xb", "0xt", 0, i, "0xc", 1, "router", "OrderPlaced", "open", str(i), "0xa",
+                          None, 0, 1, price, qty, None, None, None, None, f'{{"price": "{price}"}}')
+            for i, (price, qty) in enumerate([(120_050_000_000_000_000_000, 4 * 10**17), (2**256 - 1, 2**255),
+                                              (0, 1)])]
+    rows.append(OrderEventRow(31337, 7, "0xb", "0xt", 0, 9, "0xc", None, "router", "OrderCancelled", "cancel", "1",
+                              None, None, None, None, None, None, None, None, None, None, "{}"))
+    r = redis.Redis.from_url(REDIS_URL)
+    channel = f"obptest:{uuid.uuid4().hex[:8]}:rows"
+    sub = r.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(channel)
+    try:
+        assert r.publish(channel, rows_message(rows, None)) == 1
+        msg = None
+        deadline = time.monotonic() + 10
+        while msg is None and time.monotonic() < deadline:
+            msg = sub.get_message(timeout=0.5)
+        assert msg is not None, "nothing arrived"
+        assert rows_of_message(msg["data"]) == (rows, None)
+        assert rows_of_message(rows_message([], 42)) == ([], 42)  # a reorg's start travels without rows
+    finally:
+        sub.close()
+        r.close()

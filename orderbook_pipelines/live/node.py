@@ -97,8 +97,7 @@ class ClusterNode:
             if self.cluster.publish(names.get(v.market_id, str(v.market_id)), v, update.reason) < 0:
                 self.fenced += 1  # another worker owns it now; its adoption publishes the truth
         if update.rows or update.reverted_from is not None:
-            doc = {"rows": [dataclasses.asdict(r) for r in update.rows], "reverted_from": update.reverted_from}
-            self.cluster.r.publish(self.cluster.key("rows"), orjson.dumps(doc))
+            self.cluster.r.publish(self.cluster.key("rows"), rows_message(update.rows, update.reverted_from))
 
     # -- Redis feed -> event loop ---------------------------------------------------------------------------
     def _deliver(self, views: list[MarketView], reason: str) -> None:
@@ -106,9 +105,36 @@ class ClusterNode:
             self.loop.call_soon_threadsafe(self.hub.on_update, Update("reset" if reason == "reset" else "block", views))
 
     def deliver_rows(self, raw: bytes) -> None:
-        doc = orjson.loads(raw)
-        rows = [OrderEventRow(**r) for r in doc["rows"]]
-        reason = "reorg" if doc.get("reverted_from") is not None else "block"
+        rows, reverted_from = rows_of_message(raw)
+        reason = "reorg" if reverted_from is not None else "block"
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.hub.on_update,
-                                           Update(reason, [], rows, reverted_from=doc.get("reverted_from")))
+            self.loop.call_soon_threadsafe(self.hub.on_update, Update(reason, [], rows, reverted_from=reverted_from))
+
+
+# uint256 amounts: beyond the 64-bit integers of JSON encoders (orjson refuses them), so they travel as decimal
+# strings. (As integers, every block with a row failed to publish and its follower step was retried a second
+# later: a worker fell one block per second behind a busy chain.)
+_AMOUNTS = ("price", "quantity")
+
+
+def rows_message(rows: list[OrderEventRow], reverted_from: int | None) -> bytes:
+    """One block's rows (or a reorg's start) for the rows channel."""
+    out = []
+    for r in rows:
+        d = dataclasses.asdict(r)
+        for k in _AMOUNTS:
+            if d[k] is not None:
+                d[k] = str(d[k])
+        out.append(d)
+    return orjson.dumps({"rows": out, "reverted_from": reverted_from})
+
+
+def rows_of_message(raw: bytes) -> tuple[list[OrderEventRow], int | None]:
+    doc = orjson.loads(raw)
+    rows = []
+    for d in doc["rows"]:
+        for k in _AMOUNTS:
+            if d[k] is not None:
+                d[k] = int(d[k])
+        rows.append(OrderEventRow(**d))
+    return rows, doc.get("reverted_from")
