@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 
 from orderbook_pipelines.analytics import queries, transforms
 from orderbook_pipelines.analytics.sink import CANDLES, LOADS, MARKET_DAILY, TRADES, AnalyticsSink, where_market
-from orderbook_pipelines.storage.checkpoints import contiguous
+from orderbook_pipelines.storage.checkpoints import Checkpoint, contiguous
 
 TRADES_LOAD, CANDLES_LOAD, DAILY_LOAD = "trades", "candles", "market_daily"
 DAY = 86_400
@@ -98,33 +98,27 @@ _CHECKPOINTS = text("""
 """)
 
 
-@dataclass(frozen=True)
-class _Range:
-    start: int
-    end: int
-    processed_to: int
-    changed: bool  # written by a transaction the old load's snapshot did not see
+def _ranges(conn: Connection, chain_id: int, snapshot: str | None) -> tuple[list[Checkpoint], set[int]]:
+    """The chain's checkpoints, and the starts of those written by a transaction the old load's `snapshot` did not
+    see (None: no comparison, none)."""
+    rows = conn.execute(_CHECKPOINTS, {"c": chain_id, "snap": snapshot or None}).all()
+    return [Checkpoint(r.range_start, r.range_end, r.processed_to) for r in rows], \
+        {r.range_start for r in rows if r.changed}
 
 
-def _ranges(conn: Connection, chain_id: int, snapshot: str | None) -> list[_Range]:
-    """The chain's checkpoints, flagged against the old load's `snapshot` (None: no comparison, none flagged)."""
-    rows = conn.execute(_CHECKPOINTS, {"c": chain_id, "snap": snapshot or None})
-    return [_Range(r.range_start, r.range_end, r.processed_to, bool(r.changed)) for r in rows]
-
-
-def _below(ranges: list[_Range], block: int) -> list[_Range]:
+def _below(ranges: list[Checkpoint], block: int) -> list[Checkpoint]:
     """The ranges a load through `block` covers: it records their count, so a later load sees one vanish."""
-    return [r for r in ranges if r.start <= block]
+    return [c for c in ranges if c.range_start <= block]
 
 
-def _replace_from(ranges: list[_Range], old: LoadState, new_frontier: int) -> int:
+def _replace_from(ranges: list[Checkpoint], changed: set[int], old: LoadState, new_frontier: int) -> int:
     """The lowest block whose stored trades may differ from what the old load read (-1: reload everything)."""
     if not old.snapshot:
         return -1
     below = _below(ranges, old.block)
     if len(below) != old.ranges:  # a range at or below the old frontier vanished: no telling what went with it
         return -1
-    return min([min(old.block, new_frontier) + 1, *(r.start for r in below if r.changed)])
+    return min([min(old.block, new_frontier) + 1, *(c.range_start for c in below if c.range_start in changed)])
 
 
 def load_trades(engine: Engine, sink: AnalyticsSink, market_id: int, full: bool = False) -> TradesLoad:
@@ -138,10 +132,10 @@ def load_trades(engine: Engine, sink: AnalyticsSink, market_id: int, full: bool 
         name = transforms.market(conn, market_id).label
         renamed = old is not None and _stored_name(sink, market_id) not in (None, name)
         prev = None if full or old is None or renamed else old  # None: reload everything
-        ranges = _ranges(conn, chain_id, prev.snapshot if prev else None)
-        top = contiguous((r.start, r.end, r.processed_to) for r in ranges)
+        ranges, changed = _ranges(conn, chain_id, prev.snapshot if prev else None)
+        top = contiguous(ranges)
         top = -1 if top is None else top
-        start = -1 if prev is None else _replace_from(ranges, prev, top)
+        start = -1 if prev is None else _replace_from(ranges, changed, prev, top)
         df = transforms.extract_trades(conn, market_id, max(start, 0), top)  # empty when start > top
     n = 0
     if start < 0 or start <= max(top, old.block if old else -1):  # rows to insert, or stale rows to delete

@@ -104,11 +104,11 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         ingest_metrics.record("write", sum(result.seconds.values()), events_inserted=result.events_inserted)
         ingest_metrics.substages("write", result.seconds)
         faults.crash_point("events_written")
-        mark = time.perf_counter()
-        written = WrittenRange(sink.events, sink.block_time, read.unopened) if sink.fresh else None
+        t = time.perf_counter()
+        written = WrittenRange(sink.events, sink.block_time) if sink.fresh else None
         projected = project_range(conn, cid, start, processed_to, written)
         faults.crash_point("projected")
-        ingest_metrics.stage("project", mark, **asdict(projected))
+        ingest_metrics.record("project", time.perf_counter() - t, **asdict(projected))
         ingest_metrics.substages("project", projected.seconds)
     faults.crash_point("committed")
     return RangeReport(
@@ -131,7 +131,6 @@ class _Streamed:
     waited_s: float = 0.0
     decode_s: float = 0.0
     normalize_s: float = 0.0
-    unopened: set[tuple[str, str]] = field(default_factory=set)  # orders whose fills may take another market
 
 
 def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn: Connection, sink: EventSink,
@@ -146,7 +145,6 @@ def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn
     def markets_of(keys: set[str]) -> dict[str, int]:
         return {k: opened[k] for k in keys if k in opened}
 
-    traded: set[tuple[str, str, int | None]] = set()  # (contract, order id, market) of every fill and cancel
     always = {start, end} | ({start - 1} if start > 0 else set())
     for win in reader.windows(chain, start, end, always):
         out.logs += win.logs
@@ -168,16 +166,10 @@ def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn
         rows = reader.rows(win.decoded, markets_of)
         opened.update((order_key(r.contract, r.order_id), r.market_id) for r in rows
                       if r.kind == "open" and r.market_id is not None and r.order_id is not None)
-        traded.update((r.contract, r.order_id, r.market_id) for r in rows
-                      if r.kind in _FILL_KINDS and r.order_id is not None)
         out.normalize_s += time.perf_counter() - t
         sink.add(rows, win.headers)
-    # A fill whose market is not its order's (opened in the range) is what the projection's rule may move.
-    out.unopened = {(c, o) for c, o, m in traded if m is None or opened.get(order_key(c, o)) != m}
     return out
 
-
-_FILL_KINDS = frozenset({"fill", "cancel"})
 
 
 def _book_source(config: ProjectConfig, router_source: str) -> str:

@@ -41,15 +41,9 @@ _log = logging.getLogger("obp.ingest")  # stdlib: honours levels even where obs 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def stage(name: str, since: float, **fields: Any) -> float:
-    """Close one stage of the current range: histogram, a log line with the trace id; returns now."""
-    now = time.perf_counter()
-    record(name, now - since, **fields)
-    return now
-
-
 def record(name: str, seconds: float, /, **fields: Any) -> None:
-    """A stage's seconds, measured by the caller (a stage interleaved with others sums its pieces)."""
+    """One stage of the current range: histogram, a log line with the trace id. The caller measures it (a stage
+    interleaved with others, as fetch, decode and write are, sums its pieces)."""
     STAGE_SECONDS.labels(name).observe(seconds)
     stages = _stages.get()
     if stages is not None:

@@ -53,11 +53,9 @@ def next_window(blocks: int, logs: int, target: int = READ_WINDOW_LOGS, limit: i
 
 @dataclass
 class Window:
-    """Consecutive blocks of a range, fetched and decoded, with the headers of their blocks that the range needs
+    """Consecutive blocks of a range, fetched and decoded, with the headers of the blocks that the range needs
     (every block with a log, and the `always` blocks up to the window's end), and where this thread's time went."""
 
-    first: int
-    last: int
     logs: int
     decoded: list[DecodedLog]
     rejected: list[Rejected]
@@ -106,7 +104,7 @@ class EventReader:
         if not self.sources or end < start:
             t = time.perf_counter()
             headers = chain.headers(sorted(always))
-            yield Window(start, end, 0, [], [], headers, waited_s=time.perf_counter() - t)
+            yield Window(0, [], [], headers, waited_s=time.perf_counter() - t)
             return
         fetched: queue.SimpleQueue[tuple[list[dict], dict[int, BlockHeader], BlockHeader, BlockHeader] | None] = (
             queue.SimpleQueue())
@@ -139,17 +137,16 @@ class EventReader:
                     if item is None:
                         break
                     logs, headers, first, end_header = item
-                    a, b = first.number, end_header.number
                     if last is not None and first.parent_hash != last.hash:
                         # Each window's logs agree with its own headers (writer.check_logs_consistent); this says
                         # the earlier windows are still on the chain, as one fetch of every header at the end would.
                         raise ReorgDetected(
-                            f"block {a}: parent hash {first.parent_hash} is not block {last.number} as read "
-                            f"moments before ({last.hash}): the chain reorganised while the range was read. "
+                            f"block {first.number}: parent hash {first.parent_hash} is not block {last.number} as "
+                            f"read moments before ({last.hash}): the chain reorganised while the range was read. "
                             "Nothing was written.")
                     last = end_header
                     decoded, rejected = self.decode(logs)
-                    yield Window(a, b, len(logs), decoded, rejected, headers, waited_s=t1 - t,
+                    yield Window(len(logs), decoded, rejected, headers, waited_s=t1 - t,
                                  decode_s=time.perf_counter() - t1)
             finally:
                 stop.set()

@@ -8,7 +8,7 @@ last block before which no block is missing: books, snapshots, exports and check
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import Connection, text
 
@@ -17,8 +17,9 @@ class NotIngested(LookupError):
     """The block asked for is not (contiguously) ingested yet."""
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(NamedTuple):
+    """A stored range; a (range_start, range_end, processed_to) row, as `contiguous` reads them."""
+
     range_start: int
     range_end: int
     processed_to: int
@@ -54,8 +55,7 @@ def all_ranges(conn: Connection, chain_id: int | None = None) -> list[Checkpoint
 
 def frontier(conn: Connection, chain_id: int | None = None, start_block: int | None = None) -> int | None:
     """The contiguous checkpoint frontier (None: nothing contiguous is stored)."""
-    return contiguous(((c.range_start, c.range_end, c.processed_to) for c in all_ranges(conn, chain_id)),
-                      start_block)
+    return contiguous(all_ranges(conn, chain_id), start_block)
 
 
 def frontier_block(conn: Connection, chain_id: int, start_block: int) -> tuple[int, str | None]:

@@ -23,6 +23,8 @@ from sqlalchemy import Connection, text
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.obs import Laps
 
+OrderKey = tuple[str, str]  # (contract, order id)
+
 
 @dataclass(frozen=True)
 class ProjectionResult:
@@ -122,12 +124,13 @@ _ORDERS = text(_orders_sql("""
         SELECT DISTINCT contract, order_id FROM order_events
         WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind IN ('open', 'fill', 'cancel')
           AND order_id IS NOT NULL"""))
-_ORDERS_OF = text(_orders_sql("SELECT * FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[]))"
-                              " AS k(contract, order_id)"))
+# The (contract, order id) keys bound by `_keys`, as a table.
+_KEYS = "unnest(CAST(:contracts AS text[]), CAST(:ids AS text[])) AS k(contract, order_id)"
+_ORDERS_OF = text(_orders_sql(f"SELECT * FROM {_KEYS}"))
 # Orders of the range with a stored event outside it (an earlier open, fills of a range stored before this one).
-_ELSEWHERE = text("""
+_ELSEWHERE = text(f"""
     SELECT DISTINCT e.contract, e.order_id
-    FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[])) AS k(contract, order_id)
+    FROM {_KEYS}
     JOIN order_events e ON e.chain_id = :c AND e.contract = k.contract AND e.order_id = k.order_id
     WHERE (e.block_number < :s OR e.block_number > :e) AND e.kind IN ('open', 'fill', 'cancel')
 """)
@@ -184,9 +187,9 @@ _FILL_MARKETS_OF_RANGE = text("""
 """)
 # The same, for the fills and cancels of the orders named (`unopened` below): a range written fresh in one go
 # already gave the others the market of their open in the range, so only these can differ.
-_FILL_MARKETS_OF_ORDERS = text("""
+_FILL_MARKETS_OF_ORDERS = text(f"""
     UPDATE order_events f SET market_id = o.market_id
-    FROM unnest(CAST(:contracts AS text[]), CAST(:ids AS text[])) AS k(contract, order_id), order_events o
+    FROM {_KEYS}, order_events o
     WHERE f.chain_id = :c AND f.block_number BETWEEN :s AND :e AND f.kind IN ('fill', 'cancel')
       AND f.contract = k.contract AND f.order_id = k.order_id
       AND o.chain_id = :c AND o.kind = 'open' AND o.contract = f.contract AND o.order_id = f.order_id
@@ -220,14 +223,27 @@ class WrittenRange:
 
     events: list[OrderEventRow]
     block_time: Mapping[int, str]  # as stored in order_events.block_time
-    unopened: set[tuple[str, str]]  # (contract, order id) of fills/cancels not given the market of an open in range
+
+    def unopened(self) -> list[OrderKey]:
+        """Orders of the fills and cancels that did not get the market of their order's open in the range (normalize
+        gave the others exactly that): the only fills `_FILL_MARKETS_OF_RANGE` could move."""
+        opened: dict[OrderKey, int] = {}
+        fills: list[tuple[OrderKey, int | None]] = []
+        for e in self.events:
+            if e.order_id is None:
+                continue
+            if e.kind == "open" and e.market_id is not None:
+                opened[(e.contract, e.order_id)] = e.market_id
+            elif e.kind in ("fill", "cancel"):
+                fills.append(((e.contract, e.order_id), e.market_id))
+        return sorted({k for k, m in fills if m is None or opened.get(k) != m})
 
 
 def project_range(conn: Connection, chain_id: int, start: int, end: int,
                   written: WrittenRange | None = None) -> RangeProjection:
     """Every projection of one range, in dependency order (fill markets, then trades/orders, then positions).
 
-    `written`: the range's events when this transaction wrote all of them; then only the fills in `unopened` can
+    `written`: the range's events when this transaction wrote all of them; then only its `unopened` fills can
     take another market, and orders whose every event is in the range are computed from memory.
     """
     clock = Laps()
@@ -237,9 +253,8 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
     if written is None:
         moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount
     else:
-        keys = sorted(written.unopened)
-        moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, "contracts": [k[0] for k in keys],
-                                                       "ids": [k[1] for k in keys]}).rowcount if keys else 0
+        keys = written.unopened()
+        moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, **_keys(keys)}).rowcount if keys else 0
     moved += conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
     clock.lap("fill_markets")
     trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
@@ -254,6 +269,11 @@ def _params(chain_id: int, start: int, end: int) -> dict[str, int]:
     return {"c": chain_id, "s": start, "e": end}
 
 
+def _keys(keys: list[OrderKey]) -> dict[str, list[str]]:
+    """Bind parameters of `_KEYS`."""
+    return {"contracts": [k[0] for k in keys], "ids": [k[1] for k in keys]}
+
+
 def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
     conn.execute(_PROJECTION_LOCK)
     keys = conn.execute(_TOUCHED_ORDERS, _params(chain_id, start, end)).scalar_one()
@@ -262,7 +282,6 @@ def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> Pro
 
 
 _ORDER_KINDS = frozenset({"open", "fill", "cancel"})
-OrderKey = tuple[str, str]  # (contract, order id)
 
 
 def order_state(chain_id: int, events: Iterable[OrderEventRow], block_time: Mapping[int, str]) -> tuple | None:
@@ -303,8 +322,8 @@ def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, 
                          block_time: Mapping[int, str]) -> ProjectionResult:
     """`project_orders` for a range whose stored events are exactly `events` (this transaction wrote them all):
     orders with no stored event outside the range are computed here from `events` and upserted in bulk; the
-    others (opened earlier, or with fills in a range stored before this one) are recomputed by the SQL rule."""
-    conn.execute(_PROJECTION_LOCK)
+    others (opened earlier, or with fills in a range stored before this one) are recomputed by the SQL rule.
+    Runs under project_range's projection lock."""
     by_order: dict[OrderKey, list[OrderEventRow]] = {}
     touched: set[tuple[str, str | None]] = set()
     for e in events:
@@ -312,14 +331,13 @@ def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, 
             touched.add((e.contract, e.order_id))
             if e.order_id is not None:
                 by_order.setdefault((e.contract, e.order_id), []).append(e)
-    keys = sorted(by_order)
-    p = {**_params(chain_id, start, end), "contracts": [k[0] for k in keys], "ids": [k[1] for k in keys]}
-    elsewhere: set[OrderKey] = {(r.contract, r.order_id) for r in conn.execute(_ELSEWHERE, p)} if keys else set()
+    p = _params(chain_id, start, end)
+    elsewhere: set[OrderKey] = set()
+    if by_order:
+        elsewhere = {(r.contract, r.order_id) for r in conn.execute(_ELSEWHERE, {**p, **_keys(sorted(by_order))})}
     changed = 0
     if elsewhere:
-        rest = sorted(elsewhere)
-        changed += conn.execute(_ORDERS_OF, {**p, "contracts": [k[0] for k in rest],
-                                             "ids": [k[1] for k in rest]}).rowcount
+        changed += conn.execute(_ORDERS_OF, {**p, **_keys(sorted(elsewhere))}).rowcount
     rows = [r for k, evs in by_order.items() if k not in elsewhere
             if (r := order_state(chain_id, evs, block_time)) is not None]
     if rows:

@@ -120,12 +120,13 @@ class EventSink:
     """
 
     def __init__(self, conn: Connection, chain_id: int, start: int, processed_to: int, partition_width: int,
-                 partitions_made: int = 0) -> None:
-        """`partitions_made`: by `ensure_partitions` in an earlier transaction (see there), so fresh statistics."""
+                 partitions_made: int) -> None:
+        """The caller made the range's partitions first (`ensure_partitions`, in a transaction of its own) and says
+        how many were new: those get fresh statistics in `finish`."""
         self.conn, self.chain_id, self.start, self.processed_to = conn, chain_id, start, processed_to
         self.width = partition_width
         self.laps = Laps()
-        self.made = partitions_made + ensure_partitions(conn, start, processed_to, partition_width)
+        self.made = partitions_made
         raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
         assert raw is not None
         self.cur: psycopg.Cursor = raw.cursor()
