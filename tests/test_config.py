@@ -17,6 +17,7 @@ from orderbook_pipelines.config import (
     EnvSettings,
     EventKind,
     EventMapping,
+    _load_yaml,
     load_config,
     parse_config,
 )
@@ -419,6 +420,23 @@ def test_yaml_syntax_error(tmp_path):
     msg = str(exc.value)
     assert "not valid YAML" in msg
     assert str(path) in msg
+
+
+def test_yaml_is_read_as_safe_load_reads_it(tmp_path):
+    """libyaml parses the file where it can (start-up time), with the values and error messages of yaml.safe_load."""
+    text = yaml.safe_dump(raw_config()) + "extra: [1, 1.5, 0x10, yes, ~, '2024-01-01', 2024-01-01, !!str 7]\n"
+    path = tmp_path / "same.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="extra"):  # the extra key is refused, after parsing
+        load_config(path, env=no_env())
+    assert _load_yaml(text) == yaml.safe_load(text)
+    broken = "chain:\n  rpc_url: [unclosed\nsources: {\n"
+    with pytest.raises(yaml.YAMLError) as expected:
+        yaml.safe_load(broken)
+    path.write_text(broken)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env=no_env())
+    assert str(exc.value) == f"configuration file {path} is not valid YAML: {expected.value}"
 
 
 def test_yaml_error_names_the_file_in_validation_errors(tmp_path):

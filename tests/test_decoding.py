@@ -662,3 +662,66 @@ def test_normalize_gen2_fill_maps_taker_and_maker(decoder):
     )
     assert row.order_type is None  # only opens derive an order type
     assert row.market_id == ALUMINUM_ID
+
+
+# -- decode_all: one answer's logs, block and transaction fields parsed once ---------------------------------------
+def _answer(rnd) -> list[dict]:
+    """Logs as a node's answer lists them (blocks and transactions in runs), with damaged ones mixed in: a block
+    number or a transaction index that changes under the same hash, missing and null fields, bad data."""
+    out: list[dict] = []
+    for b in range(rnd.randint(1, 4)):
+        block_hash = "0x" + f"{b:02x}" * 32
+        for t in range(rnd.randint(1, 3)):
+            tx = "0x" + f"{b * 16 + t:02x}" * 32
+            for _ in range(rnd.randint(1, 4)):
+                make = rnd.choice([gen1_placed, gen1_executed])
+                log = make(order_id=rnd.randint(1, 10**6), block=100 + b, tx=tx, tx_index=t,
+                           log_index=len(out), quantity=rnd.randint(1, U256_MAX)) if make is gen1_placed else \
+                    make(order_id=rnd.randint(1, 10**6), block=100 + b, tx=tx, tx_index=t, log_index=len(out))
+                log["blockHash"] = block_hash.upper().replace("0X", "0x") if rnd.random() < 0.2 else block_hash
+                damage = rnd.random()
+                if damage < 0.05:
+                    del log[rnd.choice(["blockNumber", "blockHash", "transactionHash", "transactionIndex",
+                                        "logIndex", "address"])]
+                elif damage < 0.08:
+                    log["blockNumber"] = None
+                elif damage < 0.11:
+                    log["blockNumber"] = hex(rnd.randint(0, 99))  # same hash, another number
+                elif damage < 0.14:
+                    log["transactionIndex"] = hex(rnd.randint(5, 9))  # same transaction hash, another index
+                elif damage < 0.17:
+                    log["data"] = log["data"][:-2]
+                elif damage < 0.19:
+                    log["transactionHash"] = 7
+                out.append(log)
+    return out
+
+
+def test_decode_all_equals_decoding_each_log_alone(decoder):
+    """The per-answer path reuses parsed block and transaction fields: whatever the answer holds, it must give what
+    `decode` gives log by log (the reference here), in order, accepted and rejected alike."""
+    import random
+
+    seed = random.randrange(2**32)
+    rnd = random.Random(seed)
+    for _ in range(200):
+        logs = _answer(rnd)
+        each = [decoder.decode(lg) for lg in logs]
+        decoded, rejected_ = decoder.decode_all(logs)
+        assert decoded == [d for d in each if isinstance(d, DecodedLog)], f"seed {seed}"
+        assert rejected_ == [d for d in each if isinstance(d, Rejected)], f"seed {seed}"
+
+
+@given(order_id=st.integers(0, U256_MAX), quantity=st.integers(0, U256_MAX), price=st.integers(0, U256_MAX),
+       order_type=st.integers(0, 255), side=st.integers(0, 255))
+@settings(max_examples=200, deadline=None)
+def test_args_json_of_static_events_is_the_generic_json(decoder, order_id, quantity, price, order_type, side):
+    """The format-string writer of all-static events writes what orjson writes from the converted arguments."""
+    import json
+
+    out = decoded(decoder, gen1_placed(order_id=order_id, quantity=quantity, price=price, order_type=order_type,
+                                       side=side))
+    text = out.args_json()
+    assert text == json.dumps({k: str(v) if isinstance(v, int) else v for k, v in out.args.items()},
+                              sort_keys=True, separators=(",", ":"))
+    assert json.loads(text)["quantity"] == str(quantity)

@@ -8,10 +8,13 @@ caller stores it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from eth_abi import decode as abi_decode
 from eth_abi.exceptions import DecodingError
 from eth_utils import keccak
@@ -21,8 +24,9 @@ from orderbook_pipelines.config import EventMapping, ProjectConfig
 _WORD = 32
 
 
-@dataclass(frozen=True, slots=True)
-class LogPosition:
+# Named tuples, not frozen dataclasses: a backfill makes two per log, and a frozen dataclass's __init__ costs a
+# setattr call per field (a third of decoding a log).
+class LogPosition(NamedTuple):
     block_number: int
     block_hash: str
     tx_hash: str
@@ -31,13 +35,27 @@ class LogPosition:
     address: str
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedLog:
+class DecodedLog(NamedTuple):
     pos: LogPosition
-    source: str
-    event: str
+    spec: EventSpec
     args: dict[str, Any]
-    mapping: EventMapping
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    @property
+    def event(self) -> str:
+        return self.spec.name
+
+    @property
+    def mapping(self) -> EventMapping:
+        return self.spec.mapping
+
+    def args_json(self) -> str:
+        """The arguments as stored (`order_events.args`): JSON, integers as decimal strings (a uint256 does not
+        fit a JSON number that every reader parses exactly)."""
+        return self.spec.args_json(self.args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,7 @@ class EventSpec:
     data_static: bool = field(init=False)
     indexed_conv: tuple[tuple[str, Callable[[bytes], Any] | None], ...] = field(init=False)
     data_conv: tuple[tuple[str, Callable[[bytes], Any], int, int], ...] = field(init=False)
+    args_json: Callable[[dict[str, Any]], str] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_static", all(p.is_static_word for p in self.data))
@@ -84,6 +103,7 @@ class EventSpec:
         object.__setattr__(self, "data_conv", tuple(
             (p.name, _converter(p.type), i * _WORD, (i + 1) * _WORD) for i, p in enumerate(self.data))
             if self.data_static else ())
+        object.__setattr__(self, "args_json", _json_writer(self.indexed, self.data, self.data_static))
 
 
 def canonical_type(inp: dict) -> str:
@@ -153,6 +173,34 @@ def _word_value(typ: str, word: bytes) -> Any:
     raise ValueError(f"not a static word type: {typ}")
 
 
+def args_json(args: dict[str, Any]) -> str:
+    """Any decoded arguments as JSON, keys sorted, integers as decimal strings."""
+    return orjson.dumps({k: (str(v) if v.__class__ is int else v) for k, v in args.items()},
+                        option=orjson.OPT_SORT_KEYS).decode()
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _json_writer(indexed: tuple[_Param, ...], data: tuple[_Param, ...],
+                 data_static: bool) -> Callable[[dict[str, Any]], str]:
+    """`args_json` of one event, as a format string when every value is a number or a hex string (uints, ints,
+    addresses, bytesN; dynamic indexed values are their topic's hex): the same text as `args_json`, without its
+    per-log dict of converted values (a third of normalizing a log). Other events take `args_json`."""
+    params = (*indexed, *data)
+    if not data_static or any(p.type == "bool" or not _NAME.fullmatch(p.name) for p in params) \
+            or len({p.name for p in params}) != len(params):
+        return args_json
+    names = sorted(p.name for p in params)
+    template = "{" + ",".join(f'"{n}":"%s"' for n in names) + "}"
+    if not names:
+        return lambda args: "{}"
+    pick = operator.itemgetter(*names)
+    if len(names) == 1:
+        return lambda args: template % (pick(args),)
+    return lambda args: template % pick(args)
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, bytes):
         return "0x" + v.hex()
@@ -163,20 +211,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _hex_int(v: str | int) -> int:
-    return v if isinstance(v, int) else int(v, 16)
+def _int(v: str | int) -> int:
+    """A quantity as nodes send it (hex string), or as an int (tests, some clients); None and junk raise."""
+    return v if v.__class__ is int else int(v, 16)  # type: ignore[arg-type]
 
 
 def log_position(log: dict) -> LogPosition:
-    bn, ti, li = log["blockNumber"], log["transactionIndex"], log["logIndex"]
-    return LogPosition(
-        bn if bn.__class__ is int else int(bn, 16),
-        log["blockHash"].lower(),
-        log["transactionHash"].lower(),
-        ti if ti.__class__ is int else int(ti, 16),
-        li if li.__class__ is int else int(li, 16),
-        log["address"].lower(),
-    )
+    return LogPosition(_int(log["blockNumber"]), log["blockHash"].lower(), log["transactionHash"].lower(),
+                       _int(log["transactionIndex"]), _int(log["logIndex"]), log["address"].lower())
 
 
 class Decoder:
@@ -205,11 +247,45 @@ class Decoder:
     def decode(self, log: dict) -> DecodedLog | Rejected:
         try:
             pos = log_position(log)
+        except _ENVELOPE_ERRORS as exc:
+            return _malformed_envelope(log, exc)
+        return self._decode(log, pos)
+
+    def decode_all(self, logs: Iterable[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
+        """`decode` of every log of an answer. Consecutive logs of one block or transaction carry the same position
+        strings: each block's and transaction's are parsed once, not once per log (a block holds hundreds)."""
+        decoded: list[DecodedLog] = []
+        rejected: list[Rejected] = []
+        bn_raw = bh_raw = th_raw = ti_raw = None
+        bn = ti = 0
+        bh = th = ""
+        for log in logs:
+            try:
+                if log["blockHash"] != bh_raw or log["blockNumber"] != bn_raw:
+                    bn_raw = bh_raw = None  # until both parsed
+                    bn, bh = _int(log["blockNumber"]), log["blockHash"].lower()
+                    bn_raw, bh_raw = log["blockNumber"], log["blockHash"]
+                if log["transactionHash"] != th_raw or log["transactionIndex"] != ti_raw:
+                    th_raw = ti_raw = None
+                    th, ti = log["transactionHash"].lower(), _int(log["transactionIndex"])
+                    th_raw, ti_raw = log["transactionHash"], log["transactionIndex"]
+                pos = LogPosition(bn, bh, th, ti, _int(log["logIndex"]), log["address"].lower())
+            except _ENVELOPE_ERRORS:
+                out = self.decode(log)  # which says what is wrong with it
+            else:
+                out = self._decode(log, pos)
+            if out.__class__ is DecodedLog:
+                decoded.append(out)
+            else:
+                rejected.append(out)  # type: ignore[arg-type]
+        return decoded, rejected
+
+    def _decode(self, log: dict, pos: LogPosition) -> DecodedLog | Rejected:
+        try:
             topics = log.get("topics") or ()
             topic0 = topics[0].lower() if topics else None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            return Rejected(_unknown_pos(log), tuple(log.get("topics") or ()), str(log.get("data", "")),
-                            f"malformed log envelope: {exc!r}")
+        except _ENVELOPE_ERRORS as exc:
+            return _malformed_envelope(log, exc)
         data_hex = log.get("data") or "0x"
         source = self.address_sources.get(pos.address)
         if source is None:
@@ -223,7 +299,7 @@ class Decoder:
             args = self._decode_args(spec, topics, data_hex)
         except (ValueError, DecodingError, OverflowError, TypeError, AttributeError) as exc:
             return _rejected(pos, topics, data_hex, f"malformed {spec.signature}: {exc}")
-        return DecodedLog(pos, spec.source, spec.name, args, spec.mapping)
+        return DecodedLog(pos, spec, args)
 
     @staticmethod
     def _decode_args(spec: EventSpec, topics: list[str] | tuple[str, ...], data_hex: str) -> dict[str, Any]:
@@ -251,17 +327,25 @@ class Decoder:
         return args
 
 
+_ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _malformed_envelope(log: dict, exc: Exception) -> Rejected:
+    return Rejected(_unknown_pos(log), tuple(log.get("topics") or ()), str(log.get("data", "")),
+                    f"malformed log envelope: {exc!r}")
+
+
 def _rejected(pos: LogPosition, topics: Any, data: Any, reason: str) -> Rejected:
     """Topics and data kept as given (lowercased hex), so the stored rejection shows what the node sent."""
     return Rejected(pos, tuple(str(t).lower() for t in topics), str(data), reason)
 
 
 def _unknown_pos(log: dict) -> LogPosition:
-    def _int(key: str) -> int:
+    def number(key: str) -> int:
         try:
-            return _hex_int(log.get(key))  # type: ignore[arg-type]
+            return _int(log.get(key))  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return -1
 
-    return LogPosition(_int("blockNumber"), str(log.get("blockHash", "")), str(log.get("transactionHash", "")),
-                       _int("transactionIndex"), _int("logIndex"), str(log.get("address", "")).lower())
+    return LogPosition(number("blockNumber"), str(log.get("blockHash", "")), str(log.get("transactionHash", "")),
+                       number("transactionIndex"), number("logIndex"), str(log.get("address", "")).lower())

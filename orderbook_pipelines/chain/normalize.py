@@ -17,13 +17,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from orderbook_pipelines.book.model import order_key
 from orderbook_pipelines.chain.decoding import DecodedLog
-from orderbook_pipelines.config import EventKind
+from orderbook_pipelines.config import EventKind, EventMapping
 
 ORDER_TYPE_MARKET = 0
 ORDER_TYPE_LIMIT = 1
@@ -68,12 +65,6 @@ class OrderEventRow:
 OrderMarkets = Callable[[set[str]], Mapping[str, int]]
 
 
-def _id_text(v: Any) -> str | None:
-    if v is None:
-        return None
-    return str(v) if isinstance(v, int) else str(v).lower()
-
-
 def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
     """Metric hashes referenced by events, so the caller can register unknown markets before normalizing."""
     out: set[str] = set()
@@ -99,45 +90,42 @@ class _Plan:
     values: tuple[str | None, ...]  # argument per _VALUE_FIELDS entry
 
 
-def _plan(d: DecodedLog) -> _Plan:
-    f = d.mapping.fields
-    rule = d.mapping.market
+def _plan(mapping: EventMapping) -> _Plan:
+    f = mapping.fields
+    rule = mapping.market
     kind, arg = (("metric_hash", rule.split(":", 1)[1]) if rule.startswith("metric_hash:") else (rule, None))
-    return _Plan(d.mapping.kind.value, kind, arg,
+    return _Plan(mapping.kind.value, kind, arg,
                  tuple(f.get(n) for n in _ID_FIELDS), tuple(f.get(n) for n in _VALUE_FIELDS))
 
 
-def _args_json(a: dict[str, Any]) -> str:
-    """Integers as decimal strings: uint256 does not fit a JSON number that every reader parses exactly."""
-    return orjson.dumps({k: (str(v) if v.__class__ is int else v) for k, v in a.items()},
-                        option=orjson.OPT_SORT_KEYS).decode()
+_OPEN = EventKind.OPEN.value
 
 
 def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int,
               order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:
     rows: list[OrderEventRow] = []
     needs_tx: list[OrderEventRow] = []
-    plans: dict[int, _Plan] = {}
+    plans: dict[int, _Plan] = {}  # by id of the event's spec: a backfill's logs share a handful
     by_address, by_hash = registry.by_address, registry.by_metric_hash
-    for d in decoded:
-        plan = plans.get(id(d.mapping))
+    for pos, spec, a in decoded:
+        plan = plans.get(id(spec))
         if plan is None:
-            plan = plans[id(d.mapping)] = _plan(d)
-        a = d.args
-        pos = d.pos
+            plan = plans[id(spec)] = _plan(spec.mapping)
         if plan.rule == "emitter":
             market_id = by_address.get(pos.address)
         elif plan.rule == "metric_hash":
             market_id = by_hash.get(str(a[plan.market_arg or ""]).lower())
         else:
             market_id = None
-        oid, trader, cp, buy_id, sell_id, buyer, seller = [None if n is None else _id_text(a[n]) for n in plan.ids]
+        # ids as text: decimal for integers, else lowercased (hex)
+        oid, trader, cp, buy_id, sell_id, buyer, seller = [
+            None if n is None else (str(v) if isinstance(v := a[n], int) else str(v).lower()) for n in plan.ids]
         side, order_type, price, quantity = [None if n is None else a[n] for n in plan.values]
-        if plan.kind == EventKind.OPEN.value and order_type is None:
+        if order_type is None and plan.kind == _OPEN:
             order_type = ORDER_TYPE_MARKET if price == 0 else ORDER_TYPE_LIMIT
         row = OrderEventRow(chain_id, pos.block_number, pos.block_hash, pos.tx_hash, pos.tx_index, pos.log_index,
-                            pos.address, market_id, d.source, d.event, plan.kind, oid, trader, cp, side, order_type,
-                            price, quantity, buy_id, sell_id, buyer, seller, _args_json(a))
+                            pos.address, market_id, spec.source, spec.name, plan.kind, oid, trader, cp, side,
+                            order_type, price, quantity, buy_id, sell_id, buyer, seller, spec.args_json(a))
         rows.append(row)
         if plan.rule == "tx":
             needs_tx.append(row)

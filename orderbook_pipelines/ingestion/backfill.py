@@ -9,6 +9,7 @@ lock), which is also how a Dagster backfill with `max_concurrent_runs` > 1 runs 
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -49,6 +50,9 @@ def _init(config: ProjectConfig, database_url: str, log: bool = False) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if log:
             obs.bootstrap()
+        # Everything this worker runs was imported to unpickle `_init`: frozen, so no full collection re-scans it,
+        # neither during its ranges nor at its exit, which the parent's pool shutdown waits for (cli/ingest.py).
+        gc.freeze()
         threading.Thread(target=_die_with_parent, args=(parent.sentinel,), daemon=True).start()
     _worker = (config, ChainClient.from_config(config.chain), engine_for(database_url))
 

@@ -153,15 +153,7 @@ class EventReader:
             done.result()
 
     def decode(self, logs: list[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
-        decoded: list[DecodedLog] = []
-        rejected: list[Rejected] = []
-        for raw in logs:
-            d = self.decoder.decode(raw)
-            if isinstance(d, DecodedLog):
-                decoded.append(d)
-            else:
-                rejected.append(d)
-        return decoded, rejected
+        return self.decoder.decode_all(logs)
 
     def rows(self, decoded: list[DecodedLog], order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:
         return normalize(decoded, self.registry, self.config.chain.chain_id, order_markets)
