@@ -131,10 +131,13 @@ def _random_orders(rng: random.Random) -> list[OrderEventRow]:
     return out
 
 
+@pytest.mark.parametrize("stale", [False, True], ids=["no-rows", "stale-rows"])
 @pytest.mark.parametrize("span", [(0, 19), (0, 9), (10, 19)])
-def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, int]) -> None:
+def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, int], stale: bool) -> None:
     """A range this transaction wrote in full has its orders computed from memory (project_fresh_orders); orders
-    with events outside the range fall back to the SQL rule. Both must give exactly the rows the SQL rule gives."""
+    with events outside the range fall back to the SQL rule. Both must give exactly the rows the SQL rule gives:
+    also when rows of the range's orders exist already, stale (the in-memory rows are COPYed straight into
+    `orders`, and must then be upserted instead)."""
     from orderbook_pipelines.storage.projections import project_fresh_orders, project_orders
     from orderbook_pipelines.storage.writer import _ts
 
@@ -153,6 +156,10 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
             [{"b": e.block_number, "h": e.block_hash, "t": block_time[e.block_number], "tx": e.tx_hash,
               "l": e.log_index, "c": e.contract, "m": e.market_id, "k": e.kind, "o": e.order_id, "tr": e.trader,
               "side": e.side, "ot": e.order_type, "p": e.price, "q": e.quantity} for e in events])
+    if stale:
+        with engine_for(db).begin() as conn:
+            project_orders(conn, 31337, lo, hi)
+            conn.execute(text("UPDATE orders SET filled = 0, status = 'open', fill_count = 0, updated_block = -1"))
     read = text("SELECT * FROM orders ORDER BY contract, order_id")
     with engine_for(db).connect() as conn:
         with conn.begin() as tx:

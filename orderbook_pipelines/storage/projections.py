@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import psycopg
 from sqlalchemy import Connection, text
 
 from orderbook_pipelines.chain.normalize import OrderEventRow
@@ -133,6 +134,12 @@ _ELSEWHERE = text(f"""
     FROM {_KEYS}
     JOIN order_events e ON e.chain_id = :c AND e.contract = k.contract AND e.order_id = k.order_id
     WHERE (e.block_number < :s OR e.block_number > :e) AND e.kind IN ('open', 'fill', 'cancel')
+""")
+# Whether anything is stored outside the range at all: the first range of a backfill (or a lone repair) skips the
+# per-order probe above, one index lookup per order of the range, when nothing else could hold their events.
+_STORED_OUTSIDE = text("""
+    SELECT EXISTS (SELECT 1 FROM order_events WHERE chain_id = :c AND block_number < :s)
+        OR EXISTS (SELECT 1 FROM order_events WHERE chain_id = :c AND block_number > :e)
 """)
 
 _TOUCHED_ORDERS = text("""
@@ -333,7 +340,7 @@ def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, 
                 by_order.setdefault((e.contract, e.order_id), []).append(e)
     p = _params(chain_id, start, end)
     elsewhere: set[OrderKey] = set()
-    if by_order:
+    if by_order and conn.execute(_STORED_OUTSIDE, p).scalar_one():
         elsewhere = {(r.contract, r.order_id) for r in conn.execute(_ELSEWHERE, {**p, **_keys(sorted(by_order))})}
     changed = 0
     if elsewhere:
@@ -345,14 +352,29 @@ def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, 
         assert raw is not None
         cols = ", ".join(_ORDER_COLUMNS)
         with raw.cursor() as cur:
-            cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_orders (LIKE orders) ON COMMIT DELETE ROWS")
-            cur.execute("TRUNCATE stage_orders")
-            with cur.copy(f"COPY stage_orders ({cols}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
-            changed += max(cur.rowcount, 0)
+            # No stored event of these orders is outside the range and the range was empty: their rows do not exist
+            # yet (a repair deletes the rows of orders it empties), so they are COPYed straight into `orders`. A row
+            # that exists after all rolls back only this savepoint, and the rows are upserted instead.
+            cur.execute("SAVEPOINT obp_orders")
+            try:
+                _copy(cur, f"{ORDERS_WRITE} COPY orders ({cols}) FROM STDIN", rows)
+                cur.execute("RELEASE SAVEPOINT obp_orders")
+                changed += len(rows)
+            except psycopg.errors.UniqueViolation:
+                cur.execute("ROLLBACK TO SAVEPOINT obp_orders")
+                cur.execute("RELEASE SAVEPOINT obp_orders")
+                cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_orders (LIKE orders) ON COMMIT DELETE ROWS")
+                cur.execute("TRUNCATE stage_orders")
+                _copy(cur, f"COPY stage_orders ({cols}) FROM STDIN", rows)
+                cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
+                changed += max(cur.rowcount, 0)
     return ProjectionResult(rows=changed, keys=len(touched))
+
+
+def _copy(cur: psycopg.Cursor, sql: str, rows: list[tuple]) -> None:
+    with cur.copy(sql) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def project_positions(conn: Connection, chain_id: int, start: int, end: int) -> ProjectionResult:
