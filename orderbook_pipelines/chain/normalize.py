@@ -68,10 +68,14 @@ OrderMarkets = Callable[[set[str]], Mapping[str, int]]
 def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
     """Metric hashes referenced by events, so the caller can register unknown markets before normalizing."""
     out: set[str] = set()
-    for d in decoded:
-        rule = d.mapping.market
-        if rule.startswith("metric_hash:"):
-            out.add(str(d.args[rule.split(":", 1)[1]]).lower())
+    arg_of: dict[int, str | None] = {}  # by id of the event's spec: its rule is read once, not once per log
+    for _, spec, args in decoded:
+        arg = arg_of.get(id(spec), "")
+        if arg == "":
+            rule = spec.mapping.market
+            arg = arg_of[id(spec)] = rule.split(":", 1)[1] if rule.startswith("metric_hash:") else None
+        if arg is not None:
+            out.add(str(args[arg]).lower())
     return out
 
 
