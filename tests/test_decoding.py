@@ -721,7 +721,7 @@ def test_args_json_of_static_events_is_the_generic_json(decoder, order_id, quant
 
     out = decoded(decoder, gen1_placed(order_id=order_id, quantity=quantity, price=price, order_type=order_type,
                                        side=side))
-    text = out.args_json()
+    text = out.spec.args_json(out.args)
     assert text == json.dumps({k: str(v) if isinstance(v, int) else v for k, v in out.args.items()},
                               sort_keys=True, separators=(",", ":"))
     assert json.loads(text)["quantity"] == str(quantity)

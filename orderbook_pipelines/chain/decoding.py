@@ -52,11 +52,6 @@ class DecodedLog(NamedTuple):
     def mapping(self) -> EventMapping:
         return self.spec.mapping
 
-    def args_json(self) -> str:
-        """The arguments as stored (`order_events.args`): JSON, integers as decimal strings (a uint256 does not
-        fit a JSON number that every reader parses exactly)."""
-        return self.spec.args_json(self.args)
-
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -174,7 +169,8 @@ def _word_value(typ: str, word: bytes) -> Any:
 
 
 def args_json(args: dict[str, Any]) -> str:
-    """Any decoded arguments as JSON, keys sorted, integers as decimal strings."""
+    """Decoded arguments as stored (`order_events.args`): JSON, keys sorted, integers as decimal strings (a uint256
+    does not fit a JSON number that every reader parses exactly)."""
     return orjson.dumps({k: (str(v) if v.__class__ is int else v) for k, v in args.items()},
                         option=orjson.OPT_SORT_KEYS).decode()
 

@@ -26,7 +26,7 @@ from orderbook_pipelines.ingestion.reader import EventReader
 from orderbook_pipelines.ingestion.reorgs import record_detected
 from orderbook_pipelines.storage import registry
 from orderbook_pipelines.storage.projections import RangeProjection, WrittenRange, project_range
-from orderbook_pipelines.storage.writer import EventSink, RangeWrite, ReorgDetected, ensure_partitions
+from orderbook_pipelines.storage.writer import EventSink, ReorgDetected, ensure_partitions
 
 __all__ = ["RangeNotFinal", "RangeReport", "ingest_range"]
 
@@ -93,8 +93,7 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         try:
             read = _stream(config, reader, chain, conn, sink, start, processed_to)
             faults.crash_point("fetched")
-            result = sink.finish(RangeWrite(cid, start, end, processed_to, read.headers, sink.events, read.rejected,
-                                            run_id))
+            result = sink.finish(end, read.headers, read.rejected, run_id)
         except BaseException:
             sink.abort()
             raise

@@ -117,7 +117,7 @@ class EventReader:
                 while a <= end and not stop.is_set():
                     b = min(end, a + width - 1)
                     logs = self.fetch(chain, a, b)
-                    needed = {int(lg["blockNumber"], 16) for lg in logs}
+                    needed = {int(n, 16) for n in {lg["blockNumber"] for lg in logs}}  # per block, not per log
                     needed.update(n for n in pending if n <= b or b == end)
                     pending = [n for n in pending if n not in needed]
                     got = chain.headers(sorted(needed | {a, b}))  # the window's ends link it to the one before

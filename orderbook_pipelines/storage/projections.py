@@ -23,6 +23,7 @@ from sqlalchemy import Connection, text
 
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.obs import Laps
+from orderbook_pipelines.storage.writer import stage
 
 OrderKey = tuple[str, str]  # (contract, order id)
 
@@ -371,10 +372,9 @@ def _insert_fresh_orders(cur: psycopg.Cursor, rows: list[tuple]) -> int:
         except psycopg.errors.UniqueViolation:
             cur.execute("ROLLBACK TO SAVEPOINT obp_orders")
             cur.execute("RELEASE SAVEPOINT obp_orders")
-    cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_orders (LIKE orders) ON COMMIT DELETE ROWS")
-    cur.execute("TRUNCATE stage_orders")
-    _copy(cur, f"COPY stage_orders ({cols}) FROM STDIN", rows)
-    cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM stage_orders"))
+    staged = stage(cur, "orders")
+    _copy(cur, f"COPY {staged} ({cols}) FROM STDIN", rows)
+    cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM {staged}"))
     return max(cur.rowcount, 0)
 
 

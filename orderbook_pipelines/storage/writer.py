@@ -37,18 +37,6 @@ class ReorgDetected(RuntimeError):
     """The chain no longer agrees with what is stored (or changed while we read it): nothing was written."""
 
 
-@dataclass
-class RangeWrite:
-    chain_id: int
-    range_start: int
-    range_end: int
-    processed_to: int
-    headers: dict[int, BlockHeader]
-    events: list[OrderEventRow]
-    rejected: list[Rejected] = field(default_factory=list)
-    run_id: str | None = None
-
-
 @dataclass(frozen=True)
 class WriteResult:
     events_inserted: int
@@ -188,10 +176,7 @@ class EventSink:
                 self.cur.execute("SAVEPOINT obp_direct")
                 sql = f"COPY order_events ({_COLUMNS}) FROM STDIN"
             else:
-                self.cur.execute("CREATE TEMP TABLE IF NOT EXISTS stage_order_events "
-                                 "(LIKE order_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                self.cur.execute("TRUNCATE stage_order_events")
-                sql = f"COPY stage_order_events ({_COLUMNS}) FROM STDIN"
+                sql = f"COPY {stage(self.cur, 'order_events')} ({_COLUMNS}) FROM STDIN"
             self._copy = self._open.enter_context(self.cur.copy(sql))
         copy, block_time = self._copy, self.block_time
         for e in rows:
@@ -210,30 +195,31 @@ class EventSink:
         self.direct = False
         self._write(self.events[self._segment:])
 
-    def finish(self, w: RangeWrite) -> WriteResult:
+    def finish(self, range_end: int, headers: dict[int, BlockHeader], rejected: list[Rejected],
+               run_id: str | None) -> WriteResult:
         """The rest of the range, after the guard: rejected logs, blocks, checkpoint (and fresh statistics)."""
         self.pause()
         self.laps.skip()
-        check_logs_consistent(w.events, w.rejected, w.headers)
-        check_against_stored(self.conn, w.chain_id, w.range_start, w.headers)
+        check_logs_consistent(self.events, rejected, headers)
+        check_against_stored(self.conn, self.chain_id, self.start, headers)
         self.laps.lap("guard")
         cur = self.cur
         rejected_inserted = 0
-        if w.rejected:
+        if rejected:
             cur.executemany(
                 "INSERT INTO rejected_logs (chain_id, block_number, log_index, block_hash, tx_hash, address, "
                 "topics, data, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [(w.chain_id, r.pos.block_number, r.pos.log_index, r.pos.block_hash, r.pos.tx_hash, r.pos.address,
-                  list(r.topics), r.data, r.reason) for r in w.rejected],
+                [(self.chain_id, r.pos.block_number, r.pos.log_index, r.pos.block_hash, r.pos.tx_hash, r.pos.address,
+                  list(r.topics), r.data, r.reason) for r in rejected],
             )
             rejected_inserted = max(cur.rowcount, 0)
         cur.executemany(
             "INSERT INTO blocks (chain_id, number, hash, parent_hash, block_time) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (chain_id, number) DO NOTHING",
-            [(w.chain_id, h.number, h.hash, h.parent_hash, _ts(h.timestamp)) for h in w.headers.values()],
+            [(self.chain_id, h.number, h.hash, h.parent_hash, _ts(h.timestamp)) for h in headers.values()],
         )
         blocks_inserted = max(cur.rowcount, 0)
-        last = w.headers[w.processed_to]
+        last = headers[self.processed_to]
         cur.execute(
             """INSERT INTO ingestion_checkpoints (chain_id, range_start, range_end, processed_to, last_hash, events,
                                                   rejected, run_id)
@@ -244,13 +230,13 @@ class EventSink:
                                   THEN EXCLUDED.last_hash ELSE ingestion_checkpoints.last_hash END,
                  events = EXCLUDED.events, rejected = EXCLUDED.rejected, run_id = EXCLUDED.run_id,
                  updated_at = now()""",
-            (w.chain_id, w.range_start, w.range_end, w.processed_to, last.hash, len(w.events), len(w.rejected),
-             w.run_id),
+            (self.chain_id, self.start, range_end, self.processed_to, last.hash, len(self.events), len(rejected),
+             run_id),
         )
         cur.close()
         self.laps.lap("rest")
         if self.made or self.inserted >= ANALYZE_AFTER_ROWS:
-            _analyze_grown(self.conn, w.range_start, w.processed_to, self.width, self.inserted)
+            _analyze_grown(self.conn, self.start, self.processed_to, self.width, self.inserted)
             self.laps.lap("analyze")
         return WriteResult(self.inserted, rejected_inserted, blocks_inserted, self.made, self.laps.seconds)
 
@@ -259,6 +245,15 @@ class EventSink:
         if self._copy is not None:
             self._copy = None
             _fail(self._open, "range abandoned")
+
+
+def stage(cur: psycopg.Cursor, table: str) -> str:
+    """An empty copy of `table` private to this session and emptied at commit, named `stage_<table>`: where rows
+    wait for an INSERT ... ON CONFLICT into `table` (COPY itself cannot skip a conflicting row)."""
+    name = f"stage_{table}"
+    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+    cur.execute(f"TRUNCATE {name}")
+    return name
 
 
 def _fail(open_copy: contextlib.ExitStack, why: str) -> None:
