@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from eth_utils import keccak
+from eth_hash.auto import keccak
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -168,7 +168,7 @@ class Market(Strict):
 
     @property
     def metric_hash(self) -> str:
-        return "0x" + keccak(text=self.metric_id).hex()
+        return "0x" + keccak(self.metric_id.encode()).hex()
 
 
 _REMOVED_CHAIN_KEYS = {

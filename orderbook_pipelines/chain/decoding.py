@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
-from eth_abi import decode as abi_decode
-from eth_abi.exceptions import DecodingError
-from eth_utils import keccak
+from eth_hash.auto import keccak
 
 from orderbook_pipelines.config import EventMapping, ProjectConfig
 
@@ -114,7 +112,7 @@ def event_signature(abi_event: dict) -> str:
 
 
 def event_topic(abi_event: dict) -> str:
-    return "0x" + keccak(text=event_signature(abi_event)).hex()
+    return "0x" + keccak(event_signature(abi_event).encode()).hex()
 
 
 def _converter(typ: str) -> Callable[[bytes], Any]:
@@ -293,7 +291,7 @@ class Decoder:
             return _rejected(pos, topics, data_hex, f"unknown event topic0 {topic0} for source {source}")
         try:
             args = self._decode_args(spec, topics, data_hex)
-        except (ValueError, DecodingError, OverflowError, TypeError, AttributeError) as exc:
+        except (ValueError, OverflowError, TypeError, AttributeError) as exc:
             return _rejected(pos, topics, data_hex, f"malformed {spec.signature}: {exc}")
         return DecodedLog(pos, spec, args)
 
@@ -317,13 +315,25 @@ class Decoder:
             for name, conv, lo, hi in spec.data_conv:
                 args[name] = conv(data[lo:hi])
         else:
-            values = abi_decode([p.type for p in spec.data], data, strict=True)
+            values = _abi_decode([p.type for p in spec.data], data)
             for param, value in zip(spec.data, values, strict=True):
                 args[param.name] = _jsonable(value)
         return args
 
 
 _ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _abi_decode(types: list[str], data: bytes) -> tuple[Any, ...]:
+    """eth_abi's strict decoding of dynamic data, its errors as ValueError. Imported here, on the first dynamic
+    event: none of the exchange's events has one, and the import is a sixth of a command's start-up."""
+    from eth_abi import decode
+    from eth_abi.exceptions import DecodingError
+
+    try:
+        return decode(types, data, strict=True)
+    except DecodingError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _malformed_envelope(log: dict, exc: Exception) -> Rejected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,12 @@ def stream_rows(conn: Connection, sql: str, params: dict[str, Any], batch: int =
 @lru_cache(maxsize=16)
 def engine_for(url: str) -> Engine:
     return create_engine(sqlalchemy_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+# A forked child (ingestion's worker processes) must never check out a connection its parent pooled: two processes
+# on one socket interleave their protocol messages. So its engines start anew; the parent's pooled connections are
+# left alone (psycopg does not close, on garbage collection, a connection another process opened).
+os.register_at_fork(after_in_child=engine_for.cache_clear)
 
 
 def migrate(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
