@@ -326,7 +326,7 @@ _ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
 
 def _abi_decode(types: list[str], data: bytes) -> tuple[Any, ...]:
     """eth_abi's strict decoding of dynamic data, its errors as ValueError. Imported here, on the first dynamic
-    event: none of the exchange's events has one, and the import is a sixth of a command's start-up."""
+    event: none of the exchange's events has one, and with eth_utils it was a tenth of a command's start-up."""
     from eth_abi import decode
     from eth_abi.exceptions import DecodingError
 
