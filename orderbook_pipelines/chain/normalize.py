@@ -65,27 +65,14 @@ class OrderEventRow:
 OrderMarkets = Callable[[set[str]], Mapping[str, int]]
 
 
-def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
-    """Metric hashes referenced by events, so the caller can register unknown markets before normalizing."""
-    out: set[str] = set()
-    arg_of: dict[int, str | None] = {}  # by id of the event's spec: its rule is read once, not once per log
-    for _, spec, args in decoded:
-        arg = arg_of.get(id(spec), "")
-        if arg == "":
-            rule = spec.mapping.market
-            arg = arg_of[id(spec)] = rule.split(":", 1)[1] if rule.startswith("metric_hash:") else None
-        if arg is not None:
-            out.add(str(args[arg]).lower())
-    return out
-
-
 _ID_FIELDS = ("order_id", "trader", "counterparty", "buy_order_id", "sell_order_id", "buyer", "seller")
 _VALUE_FIELDS = ("side", "order_type", "price", "quantity")
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """One event mapping resolved once per `normalize` call: argument names per canonical field, market rule."""
+    """One event mapping resolved once per call (`normalize`, `metric_hashes_needed`): argument names per canonical
+    field, market rule."""
 
     kind: str
     rule: str  # "emitter" | "metric_hash" | "tx" | other
@@ -100,6 +87,19 @@ def _plan(mapping: EventMapping) -> _Plan:
     kind, arg = (("metric_hash", rule.split(":", 1)[1]) if rule.startswith("metric_hash:") else (rule, None))
     return _Plan(mapping.kind.value, kind, arg,
                  tuple(f.get(n) for n in _ID_FIELDS), tuple(f.get(n) for n in _VALUE_FIELDS))
+
+
+def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
+    """Metric hashes referenced by events, so the caller can register unknown markets before normalizing."""
+    out: set[str] = set()
+    plans: dict[int, _Plan] = {}  # by id of the event's spec: its rule is read once, not once per log
+    for _, spec, args in decoded:
+        plan = plans.get(id(spec))
+        if plan is None:
+            plan = plans[id(spec)] = _plan(spec.mapping)
+        if plan.rule == "metric_hash":
+            out.add(str(args[plan.market_arg or ""]).lower())
+    return out
 
 
 _OPEN = EventKind.OPEN.value

@@ -51,8 +51,9 @@ def _init(config: ProjectConfig, database_url: str, log: bool = False) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if log:
             obs.bootstrap()
-        # Everything this worker runs was imported to unpickle `_init`: frozen, so no full collection re-scans it,
-        # neither during its ranges nor at its exit, which the parent's pool shutdown waits for (cli/ingest.py).
+        # Everything this worker runs is loaded by now (inherited from the forked parent, or imported to unpickle
+        # `_init` when spawned): frozen, so no full collection re-scans it, neither during its ranges nor at its
+        # exit, which the parent's pool shutdown waits for (cli/ingest.py).
         gc.freeze()
         threading.Thread(target=_die_with_parent, args=(parent.sentinel,), daemon=True).start()
     _worker = (config, ChainClient.from_config(config.chain), engine_for(database_url))
