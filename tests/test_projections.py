@@ -138,7 +138,7 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
     with events outside the range fall back to the SQL rule. Both must give exactly the rows the SQL rule gives:
     also when rows of the range's orders exist already, stale (the in-memory rows are COPYed straight into
     `orders`, and must then be upserted instead)."""
-    from orderbook_pipelines.storage.projections import project_fresh_orders, project_orders
+    from orderbook_pipelines.storage.projections import project_fresh_orders, project_in_memory, project_orders
     from orderbook_pipelines.storage.writer import _ts
 
     seed = random.randrange(2**32)
@@ -167,10 +167,35 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
             want_rows = [tuple(r) for r in conn.execute(read)]
             tx.rollback()
         with conn.begin() as tx:
-            got = project_fresh_orders(conn, 31337, lo, hi, [e for e in events if lo <= e.block_number <= hi],
-                                       block_time)
+            memory = project_in_memory(31337, [e for e in events if lo <= e.block_number <= hi], block_time)
+            got = project_fresh_orders(conn, 31337, lo, hi, memory)
             got_rows = [tuple(r) for r in conn.execute(read)]
             tx.rollback()
     assert want_rows, f"seed {seed}: no order in the range"
     assert got_rows == want_rows, f"seed {seed}"
     assert (got.rows, got.keys) == (want.rows, want.keys), f"seed {seed}"
+
+
+def test_a_failure_of_the_in_memory_projection_surfaces_and_leaves_no_thread(db: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-memory half of a fresh range's projection runs on a thread while Postgres inserts the trades: its
+    error is the range's error (the transaction rolls back, nothing is half-projected), and its thread has ended
+    when project_range returns or raises (a forked backfill worker must not inherit a running thread)."""
+    import threading
+
+    from orderbook_pipelines.storage import projections
+    from orderbook_pipelines.storage.projections import WrittenRange
+    from orderbook_pipelines.storage.writer import _ts
+
+    events = _random_orders(random.Random(5))
+    written = WrittenRange(events, {b: _ts(1_700_000_000 + b) for b in range(20)})
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("in-memory projection failed")
+
+    monkeypatch.setattr(projections, "project_in_memory", broken)
+    before = threading.active_count()
+    with engine_for(db).connect() as conn, pytest.raises(ZeroDivisionError, match="in-memory projection failed"):
+        project_range(conn, 31337, 0, 19, written)
+    assert threading.active_count() == before
+    assert not any(t.name == "obp-memory-projection" for t in threading.enumerate())

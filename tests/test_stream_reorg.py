@@ -18,7 +18,7 @@ from sqlalchemy import text
 from orderbook_pipelines.chain.rpc import ChainClient
 from orderbook_pipelines.devchain.anvil import Anvil
 from orderbook_pipelines.ingestion.ingest import ingest_range
-from orderbook_pipelines.ingestion.reader import FIRST_WINDOW_BLOCKS, next_window
+from orderbook_pipelines.ingestion.reader import FIRST_WINDOW_BLOCKS, _tail_logs, next_window
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from orderbook_pipelines.storage.writer import ReorgDetected
 from tests.conftest import DevChain, make_devchain, new_database
@@ -85,13 +85,24 @@ def test_a_reorg_between_two_windows_of_a_range_leaves_nothing_then_the_rerun_ma
     assert stored_log_keys(db, cfg.chain.chain_id, end) == want, f"stored events differ from the chain (seed {seed})"
 
 
-@pytest.mark.parametrize(("blocks", "logs", "expected"), [
-    (16, 6_400, 20),  # 400 logs a block: 8,000 logs is 20 blocks
-    (20, 80_000, 2),  # denser still: fewer blocks
-    (16, 10**9, 1),  # never less than one block
-    (16, 0, 32),  # empty: twice as many blocks
-    (200, 0, 250),  # up to the limit
-    (16, 8, 250),  # sparse: the limit, not 16,000 blocks
+@pytest.mark.parametrize(("blocks", "logs", "tail_logs", "expected"), [
+    (16, 6_400, 1_600, 20),  # 400 logs a block: 8,000 logs is 20 blocks
+    (20, 80_000, 20_000, 2),  # denser still: fewer blocks
+    (16, 10**9, 0, 1),  # never less than one block
+    (16, 0, 0, 32),  # empty: twice as many blocks
+    (200, 0, 0, 250),  # up to the limit
+    (16, 8, 0, 250),  # sparse: the limit, not 16,000 blocks
+    (64, 4_000, 4_000, 32),  # busy only at its end (16 blocks, 250 a block): 32 blocks, not 128
+    (64, 4_000, 0, 128),  # quiet at its end: the window's own average
 ])
-def test_windows_are_sized_from_the_density_of_the_last(blocks: int, logs: int, expected: int) -> None:
-    assert next_window(blocks, logs, target=8_000, limit=250) == expected
+def test_windows_are_sized_from_the_density_of_the_last(blocks: int, logs: int, tail_logs: int,
+                                                        expected: int) -> None:
+    assert next_window(blocks, logs, tail_logs, target=8_000, limit=250) == expected
+
+
+def test_a_window_busy_at_its_end_is_sized_from_its_end() -> None:
+    """Blocks 1-48 empty, then 16 blocks of 500 logs (the first trades after a deployment): the next window is
+    sized from those 16 blocks, so it asks for about READ_WINDOW_LOGS logs, not 4x as many."""
+    logs = [{"blockNumber": hex(n)} for n in range(49, 65) for _ in range(500)]
+    width = next_window(64, len(logs), _tail_logs(logs, 64, 64), target=8_000, limit=250)
+    assert width * 500 == 8_000

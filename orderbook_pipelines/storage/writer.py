@@ -31,6 +31,11 @@ ANALYZE_AFTER_ROWS = 50_000
 # The columns the projections filter, join and group on: their statistics decide the plans. (All columns
 # would cost 3x more per ANALYZE, mostly on the jsonb `args`; autovacuum analyzes the rest in time.)
 _PLANNED_COLUMNS = "chain_id, block_number, kind, contract, order_id, market_id"
+# These statistics are for the plans of the projections that follow, not for analysts' queries: a sample of 3,000
+# rows (target 10) gives them the row count, the distinct orders and the kinds as 30,000 rows (the default 100)
+# do, in a tenth of the time (14 against 140 ms for a 95k-event partition, the end of the range's critical path).
+# Autovacuum analyzes again at the server's target once the partition has grown by a tenth.
+_PLANNING_STATISTICS_TARGET = 10
 
 
 class ReorgDetected(RuntimeError):
@@ -213,10 +218,13 @@ class EventSink:
                   list(r.topics), r.data, r.reason) for r in rejected],
             )
             rejected_inserted = max(cur.rowcount, 0)
-        cur.executemany(
-            "INSERT INTO blocks (chain_id, number, hash, parent_hash, block_time) VALUES (%s, %s, %s, %s, %s) "
+        hs = list(headers.values())  # one statement, not one per block (~240 a range: 30-50 ms)
+        cur.execute(
+            "INSERT INTO blocks (chain_id, number, hash, parent_hash, block_time) "
+            "SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]::timestamptz[]) "
             "ON CONFLICT (chain_id, number) DO NOTHING",
-            [(self.chain_id, h.number, h.hash, h.parent_hash, _ts(h.timestamp)) for h in headers.values()],
+            (self.chain_id, [h.number for h in hs], [h.hash for h in hs], [h.parent_hash for h in hs],
+             [self.block_time.get(h.number) or _ts(h.timestamp) for h in hs]),
         )
         blocks_inserted = max(cur.rowcount, 0)
         last = headers[self.processed_to]
@@ -275,9 +283,13 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
     names = [f"order_events_b{base:012d}" for base in range(lo, end + 1, width)]
     tuples: dict[str, float] = dict(conn.execute(
         text("SELECT relname, reltuples FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).all())
-    for name in names:
-        if tuples.get(name, -1) < max(inserted, 1):  # never analyzed (-1), empty, or doubled by this load
-            conn.exec_driver_sql(f"ANALYZE {name} ({_PLANNED_COLUMNS})")
+    grown = [name for name in names if tuples.get(name, -1) < max(inserted, 1)]  # never analyzed (-1), empty,
+    if not grown:                                                                  # or doubled by this load
+        return
+    conn.exec_driver_sql(f"SET LOCAL default_statistics_target = {_PLANNING_STATISTICS_TARGET}")
+    for name in grown:
+        conn.exec_driver_sql(f"ANALYZE {name} ({_PLANNED_COLUMNS})")
+    conn.exec_driver_sql("SET LOCAL default_statistics_target = DEFAULT")
 
 
 def _ts(unix: int) -> str:
