@@ -83,6 +83,25 @@ def test_fills_and_cancels_take_their_orders_market_in_any_ingestion_order(db: s
     assert orders == [(A, "1", 4, "partially_filled"), (B, "2", 4, "cancelled"), (A, "3", 0, "open")]
 
 
+@pytest.mark.parametrize("order", list(itertools.permutations(RANGES)))
+def test_a_range_projected_from_memory_moves_the_fills_stored_after_it(db: str, order: tuple) -> None:
+    """The same two ranges, each projected as a first load projects it (from the events in memory): when the fills'
+    range came first, the opens' range gives its stored fill of order 2 the market of the open (B), not the one its
+    transaction named (A)."""
+    from orderbook_pipelines.storage.projections import WrittenRange
+
+    for a, b in order:
+        _insert(db, a, b)
+        rows = [OrderEventRow(31337, e["b"], "0xh", e["tx"], 0, e["l"], ROUTER, e["m"], "r", "E", e["k"], e["o"],
+                              "0xt", None, e["side"], e["ot"], e["p"], e["q"], None, None, None, None, "{}")
+                for e in EVENTS if a <= e["b"] <= b]
+        with engine_for(db).begin() as conn:
+            project_range(conn, 31337, a, b, WrittenRange(rows, dict.fromkeys(range(20), "2024-01-01T00:00:00Z")))
+    markets, orders = _state(db)
+    assert markets == [(1, 0, A), (1, 1, B), (10, 0, A), (10, 1, B), (11, 0, A), (11, 1, B)], json.dumps(order)
+    assert orders == [(A, "1", 4, "partially_filled"), (B, "2", 4, "cancelled"), (A, "3", 0, "open")]
+
+
 def test_projecting_twice_or_in_random_slices_changes_nothing(db: str) -> None:
     seed = random.randrange(2**32)
     _insert(db)
@@ -138,7 +157,12 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
     with events outside the range fall back to the SQL rule. Both must give exactly the rows the SQL rule gives:
     also when rows of the range's orders exist already, stale (the in-memory rows are COPYed straight into
     `orders`, and must then be upserted instead)."""
-    from orderbook_pipelines.storage.projections import project_fresh_orders, project_in_memory, project_orders
+    from orderbook_pipelines.storage.projections import (
+        project_fresh_orders,
+        project_in_memory,
+        project_orders,
+        stored_elsewhere,
+    )
     from orderbook_pipelines.storage.writer import _ts
 
     seed = random.randrange(2**32)
@@ -168,7 +192,7 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
             tx.rollback()
         with conn.begin() as tx:
             memory = project_in_memory(31337, [e for e in events if lo <= e.block_number <= hi], block_time)
-            got = project_fresh_orders(conn, 31337, lo, hi, memory)
+            got = project_fresh_orders(conn, 31337, lo, hi, memory, stored_elsewhere(conn, 31337, lo, hi, memory))
             got_rows = [tuple(r) for r in conn.execute(read)]
             tx.rollback()
     assert want_rows, f"seed {seed}: no order in the range"

@@ -184,6 +184,14 @@ _POSITIONS = text("""
 _PROJECTION_LOCK = text("SELECT pg_advisory_xact_lock(727001)")
 
 
+# No parallel workers for a range's projection statements: each reads one range's worth of rows, and ingestion
+# keeps the cores busy itself (the node, Postgres' COPY, the other workers' ranges). Probing a fresh range's 21k
+# orders for events stored elsewhere took 115 ms with two parallel workers against 50 ms without (bench/realmix.py,
+# two workers). For this transaction only, until project_range returns.
+_SERIAL_PLANS = text("SET LOCAL max_parallel_workers_per_gather = 0")
+_PARALLEL_PLANS = text("SET LOCAL max_parallel_workers_per_gather = DEFAULT")
+
+
 # A fill or cancel belongs to the market of its order: rows of this range whose order is open elsewhere, and
 # rows elsewhere whose order opens in this range (the other half, for ranges projected before their opens).
 _FILL_MARKETS_OF_RANGE = text("""
@@ -206,13 +214,19 @@ _FILL_MARKETS_OF_ORDERS = text(f"""
 """)
 # Only fills after the range can have been stored before it (a fill never precedes its open's block), and in an
 # in-order backfill there are few: the scan is bounded by what was ingested ahead, not by the range's opens.
-_FILL_MARKETS_OF_OPENS = text("""
+_FILL_MARKETS_OF_OPENS_SQL = """
     UPDATE order_events f SET market_id = o.market_id
-    FROM order_events o
+    FROM {keys}order_events o
     WHERE f.chain_id = :c AND f.block_number > :e AND f.kind IN ('fill', 'cancel') AND f.order_id IS NOT NULL
       AND o.chain_id = :c AND o.block_number BETWEEN :s AND :e AND o.kind = 'open' AND o.market_id IS NOT NULL
-      AND o.contract = f.contract AND o.order_id = f.order_id AND f.market_id IS DISTINCT FROM o.market_id
-""")
+      AND o.contract = f.contract AND o.order_id = f.order_id AND f.market_id IS DISTINCT FROM o.market_id{of_keys}
+"""
+_FILL_MARKETS_OF_OPENS = text(_FILL_MARKETS_OF_OPENS_SQL.format(keys="", of_keys=""))
+# The same for the orders named: those of a fresh range with events stored outside it (`stored_elsewhere`), which
+# hold every fill after the range of an order it opens. When a later range committed first (two workers), the
+# unrestricted statement merged all of that range's fills with all of this range's opens (0.1 s for 95k events).
+_FILL_MARKETS_OF_OPENS_OF_ORDERS = text(_FILL_MARKETS_OF_OPENS_SQL.format(
+    keys=f"{_KEYS}, ", of_keys="\n      AND f.contract = k.contract AND f.order_id = k.order_id"))
 
 
 @dataclass(frozen=True)
@@ -307,6 +321,7 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
     clock = Laps()
     conn.execute(_PROJECTION_LOCK)
     clock.lap("lock")
+    conn.execute(_SERIAL_PLANS)
     p = _params(chain_id, start, end)
     pending = _InMemory(chain_id, written) if written is not None else None
     try:
@@ -316,14 +331,19 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
     clock.lap("trades_positions")
     if memory is None:
         moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount
+        moved += conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
+        clock.lap("fill_markets")
+        o = project_orders(conn, chain_id, start, end)
     else:
+        elsewhere = stored_elsewhere(conn, chain_id, start, end, memory)
         keys = memory.unopened
         moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, **_keys(keys)}).rowcount if keys else 0
-    moved += conn.execute(_FILL_MARKETS_OF_OPENS, p).rowcount
-    clock.lap("fill_markets")
-    o = (project_orders(conn, chain_id, start, end) if memory is None else
-         project_fresh_orders(conn, chain_id, start, end, memory))
+        if elsewhere:
+            moved += conn.execute(_FILL_MARKETS_OF_OPENS_OF_ORDERS, {**p, **_keys(sorted(elsewhere))}).rowcount
+        clock.lap("fill_markets")
+        o = project_fresh_orders(conn, chain_id, start, end, memory, elsewhere)
     clock.lap("orders")
+    conn.execute(_PARALLEL_PLANS)
     return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.seconds)
 
 
@@ -380,20 +400,25 @@ def order_state(chain_id: int, events: Iterable[OrderEventRow], block_time: Mapp
             block_time[first.block_number], updated)
 
 
-def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int,
-                         memory: MemoryProjection) -> ProjectionResult:
+def stored_elsewhere(conn: Connection, chain_id: int, start: int, end: int,
+                     memory: MemoryProjection) -> set[OrderKey]:
+    """Orders of a fresh range with an open, fill or cancel stored outside it (none when nothing is stored outside
+    the range at all: the first range of a backfill skips the probe, one index lookup per order)."""
+    p = _params(chain_id, start, end)
+    if not memory.orders or not conn.execute(_STORED_OUTSIDE, p).scalar_one():
+        return set()
+    return {(r.contract, r.order_id) for r in conn.execute(_ELSEWHERE, {**p, **_keys(sorted(memory.orders))})}
+
+
+def project_fresh_orders(conn: Connection, chain_id: int, start: int, end: int, memory: MemoryProjection,
+                         elsewhere: set[OrderKey]) -> ProjectionResult:
     """`project_orders` for a range whose stored events are exactly those `memory` was computed from (this
     transaction wrote them all): orders with no stored event outside the range take their row from `memory` and are
-    written in bulk; the others (opened earlier, or with fills in a range stored before this one) are recomputed
-    by the SQL rule. Runs under project_range's projection lock."""
-    p = _params(chain_id, start, end)
-    elsewhere: set[OrderKey] = set()
-    if memory.orders and conn.execute(_STORED_OUTSIDE, p).scalar_one():
-        elsewhere = {(r.contract, r.order_id)
-                     for r in conn.execute(_ELSEWHERE, {**p, **_keys(sorted(memory.orders))})}
+    written in bulk; the others (`elsewhere`: opened earlier, or with fills in a range stored before this one) are
+    recomputed by the SQL rule. Runs under project_range's projection lock."""
     changed = 0
     if elsewhere:
-        changed += conn.execute(_ORDERS_OF, {**p, **_keys(sorted(elsewhere))}).rowcount
+        changed += conn.execute(_ORDERS_OF, {**_params(chain_id, start, end), **_keys(sorted(elsewhere))}).rowcount
     rows = [r for k, r in memory.orders.items() if r is not None and k not in elsewhere]
     if rows:
         raw = conn.connection.driver_connection
