@@ -307,7 +307,10 @@ class Decoder:
                     th_raw = ti_raw = None
                     th, ti = log["transactionHash"].lower(), _int(log["transactionIndex"])
                     th_raw, ti_raw = log["transactionHash"], log["transactionIndex"]
-                pos = LogPosition(bn, bh, th, ti, _int(log["logIndex"]), log["address"].lower())
+                li = log["logIndex"]
+                # tuple.__new__: a namedtuple's own __new__ is a Python frame, twice per log
+                pos = _new(LogPosition, (bn, bh, th, ti, int(li, 16) if li.__class__ is str else _int(li),
+                                         log["address"].lower()))
             except _ENVELOPE_ERRORS:
                 out = self.decode(log)  # which says what is wrong with it
             else:
@@ -335,7 +338,7 @@ class Decoder:
             return _rejected(pos, topics, data_hex, f"unknown event topic0 {topic0} for source {source}")
         if spec.fast_args is not None:
             try:
-                return DecodedLog(pos, spec, spec.fast_args(topics, data_hex))
+                return _new(DecodedLog, (pos, spec, spec.fast_args(topics, data_hex)))
             except Exception:  # malformed: the generic decoder below says how
                 pass
         try:
@@ -371,6 +374,7 @@ class Decoder:
 
 
 _ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
+_new = tuple.__new__
 
 
 def _abi_decode(types: list[str], data: bytes) -> tuple[Any, ...]:
