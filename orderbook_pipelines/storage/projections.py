@@ -338,8 +338,9 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
         elsewhere = stored_elsewhere(conn, chain_id, start, end, memory)
         keys = memory.unopened
         moved = conn.execute(_FILL_MARKETS_OF_ORDERS, {**p, **_keys(keys)}).rowcount if keys else 0
-        if elsewhere:
-            moved += conn.execute(_FILL_MARKETS_OF_OPENS_OF_ORDERS, {**p, **_keys(sorted(elsewhere))}).rowcount
+        opened_here = sorted(k for k in elsewhere if memory.orders.get(k) is not None)  # their fills are after it
+        if opened_here:
+            moved += conn.execute(_FILL_MARKETS_OF_OPENS_OF_ORDERS, {**p, **_keys(opened_here)}).rowcount
         clock.lap("fill_markets")
         o = project_fresh_orders(conn, chain_id, start, end, memory, elsewhere)
     clock.lap("orders")
