@@ -166,17 +166,17 @@ def normalize(decoded: list[DecodedLog], registry: MarketRegistry, chain_id: int
 
 def _resolve_by_order(rows: list[OrderEventRow], needs: list[OrderEventRow],
                       order_markets: OrderMarkets | None) -> None:
-    """`tx`-rule rows: the market of their order, else the single market their transaction names."""
+    """`tx`-rule rows: the market of their order, else the single market their transaction names (the markets of
+    a transaction are gathered only for the rows left over: most fills find their order)."""
     opened: dict[str, int] = {}
-    tx_markets: dict[str, set[int]] = defaultdict(set)  # once per transaction, not per fill of a burst
     for r in rows:
-        if r.market_id is not None:
-            tx_markets[r.tx_hash].add(r.market_id)
-            if r.kind == "open" and r.order_id is not None:
-                opened[order_key(r.contract, r.order_id)] = r.market_id
+        if r.kind == "open" and r.market_id is not None and r.order_id is not None:
+            opened[order_key(r.contract, r.order_id)] = r.market_id
     keys = {order_key(r.contract, r.order_id) for r in needs if r.order_id is not None}
     unknown = keys - opened.keys()
     known = order_markets(unknown) if unknown and order_markets is not None else {}
+    found: list[tuple[OrderEventRow, int]] = []
+    left: list[OrderEventRow] = []
     for row in needs:
         market = None
         if row.order_id is not None:
@@ -185,7 +185,17 @@ def _resolve_by_order(rows: list[OrderEventRow], needs: list[OrderEventRow],
             if market is None:
                 market = known.get(key)
         if market is None:
+            left.append(row)
+        else:
+            found.append((row, market))
+    if left:  # the markets the other rows of their transactions name (no `tx`-rule row has one yet)
+        txs = {row.tx_hash for row in left}
+        tx_markets: dict[str, set[int]] = defaultdict(set)
+        for r in rows:
+            if r.market_id is not None and r.tx_hash in txs:
+                tx_markets[r.tx_hash].add(r.market_id)
+        for row in left:
             markets = tx_markets.get(row.tx_hash)
-            if markets is not None and len(markets) == 1:
-                market = next(iter(markets))
+            row.market_id = next(iter(markets)) if markets is not None and len(markets) == 1 else None
+    for row, market in found:
         row.market_id = market
