@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import psycopg
+from psycopg.types.json import set_json_dumps
 from sqlalchemy import Connection, text
 
 from orderbook_pipelines.chain.decoding import Rejected
@@ -25,6 +27,13 @@ _EVENT_COLUMNS = (
     "price", "quantity", "buy_order_id", "sell_order_id", "buyer", "seller", "args",
 )
 _COLUMNS = ", ".join(_EVENT_COLUMNS)
+# The events are COPYed in binary: Postgres stores a row in about 15% less time than from text (no parsing of
+# numbers, times and escapes; 0.71-0.73 against 0.84-0.85 s of backend CPU per 95k events), and formatting it costs
+# this process less too. `args` goes as the JSON text normalize wrote (set_json_dumps in EventSink).
+_EVENT_TYPES = (
+    "bigint", "bigint", "text", "timestamptz", "text", "integer", "integer", "text", "integer", "text", "text", "text",
+    "text", "text", "text", "smallint", "smallint", "numeric", "numeric", "text", "text", "text", "text", "jsonb",
+)
 
 
 ANALYZE_AFTER_ROWS = 50_000
@@ -123,12 +132,14 @@ class EventSink:
         raw = conn.connection.driver_connection  # psycopg 3 connection, same transaction as `conn`
         assert raw is not None
         self.cur: psycopg.Cursor = raw.cursor()
+        set_json_dumps(str, context=self.cur)  # `args` is JSON text already: sent as it is
         stored = self.cur.execute(
             "SELECT EXISTS (SELECT 1 FROM order_events WHERE chain_id = %s AND block_number BETWEEN %s AND %s)",
             (chain_id, start, processed_to),
         ).fetchone()
         self.direct = stored is not None and not stored[0]
-        self.block_time: dict[int, str] = {}  # converted once per block, not per row
+        self.block_time: dict[int, str] = {}  # converted once per block, not per row (ISO, for the projections)
+        self._block_dt: dict[int, datetime] = {}  # the same, for the binary COPY
         self.events: list[OrderEventRow] = []
         self.inserted = 0
         self._copy: psycopg.Copy | None = None
@@ -144,7 +155,9 @@ class EventSink:
     def add(self, rows: list[OrderEventRow], headers: dict[int, BlockHeader]) -> None:
         """One window's rows (its blocks' headers give their block time)."""
         self.laps.skip()
-        self.block_time.update((n, _ts(h.timestamp)) for n, h in headers.items())
+        for n, h in headers.items():
+            self._block_dt[n] = dt = datetime.fromtimestamp(h.timestamp, UTC)
+            self.block_time[n] = dt.isoformat()
         self.events += rows
         if rows:
             try:
@@ -179,11 +192,12 @@ class EventSink:
         if self._copy is None:
             if self.direct:
                 self.cur.execute("SAVEPOINT obp_direct")
-                sql = f"COPY order_events ({_COLUMNS}) FROM STDIN"
+                sql = f"COPY order_events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
             else:
-                sql = f"COPY {stage(self.cur, 'order_events')} ({_COLUMNS}) FROM STDIN"
+                sql = f"COPY {stage(self.cur, 'order_events')} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
             self._copy = self._open.enter_context(self.cur.copy(sql))
-        copy, block_time = self._copy, self.block_time
+            self._copy.set_types(_EVENT_TYPES)
+        copy, block_time = self._copy, self._block_dt
         for e in rows:
             copy.write_row((e.chain_id, e.block_number, e.block_hash, block_time[e.block_number], e.tx_hash,
                             e.tx_index, e.log_index, e.contract, e.market_id, e.source, e.event_name, e.kind,
@@ -293,6 +307,4 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
 
 
 def _ts(unix: int) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(unix, UTC).isoformat()
