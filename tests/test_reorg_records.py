@@ -213,3 +213,34 @@ def test_the_migration_folds_the_twins_earlier_versions_wrote(tmp_path: Path) ->
             (1, 100, "0xaa", True, 40, True), (1, 200, "0xcc", False, 0, False), (5, 100, "0xaa", False, 0, False)]
     finally:
         drop_database(db)
+
+
+def test_an_up_to_date_database_is_not_migrated_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command migrates at start. On an up-to-date database that is one query: yoyo (its import, its lock)
+    is not asked at all. A migration file not recorded yet still goes through yoyo, once."""
+    import shutil
+
+    import yoyo
+
+    from orderbook_pipelines.storage.db import SQL_DIR, migrate
+    from tests.conftest import new_database
+
+    db = new_database()
+    try:
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise AssertionError("yoyo was asked to migrate an up-to-date database")
+
+        with monkeypatch.context() as m:
+            m.setattr(yoyo, "get_backend", refuse)
+            assert migrate(db) == []
+        more = tmp_path / "sql"
+        shutil.copytree(SQL_DIR, more)
+        last = max(p.stem for p in SQL_DIR.glob("*.sql"))
+        (more / "9999.extra.sql").write_text(f"-- depends: {last}\nCREATE TABLE obp_extra (x integer);\n")
+        assert migrate(db, more) == ["9999.extra"]
+        assert _table(db, "SELECT count(*) FROM obp_extra") == [(0,)]
+        with monkeypatch.context() as m:
+            m.setattr(yoyo, "get_backend", refuse)
+            assert migrate(db, more) == []
+    finally:
+        drop_database(db)
