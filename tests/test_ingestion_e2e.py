@@ -286,13 +286,16 @@ def test_a_fresh_partition_has_statistics_before_the_projections_plan(simulated_
         cfg = simulated_chain.config
         a, b = _ranges(simulated_chain)[0]
         with engine_for(db).begin() as conn:  # still uncommitted: autovacuum cannot have analyzed anything
-            target = conn.execute(text("SHOW default_statistics_target")).scalar_one()
+            # The caller's own settings (a repair's transaction, say): ingestion's planner settings (the planning
+            # sample of writer._PLANNING_STATISTICS_TARGET, no parallel workers in the projections) end with the
+            # statements they are for, and give back these, not the server's defaults.
+            conn.execute(text("SET LOCAL default_statistics_target = 37"))
+            conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 1"))
             ingest_range(cfg, ChainClient(cfg.chain.rpc_url), engine_for(db), a, b, conn=conn)
             cols = {r[0] for r in conn.execute(text(
                 "SELECT attname FROM pg_stats WHERE tablename LIKE 'order_events_b%'"))}
-            # The planning sample (writer._PLANNING_STATISTICS_TARGET) ends with the ANALYZE: later statements of
-            # the caller's transaction see the server's target again.
-            assert conn.execute(text("SHOW default_statistics_target")).scalar_one() == target
+            assert conn.execute(text("SHOW default_statistics_target")).scalar_one() == "37"
+            assert conn.execute(text("SHOW max_parallel_workers_per_gather")).scalar_one() == "1"
         assert {"chain_id", "block_number", "kind", "contract", "order_id", "market_id"} <= cols
     finally:
         drop_database(db)

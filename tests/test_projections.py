@@ -202,10 +202,14 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
 
 def test_a_failure_of_the_in_memory_projection_surfaces_and_leaves_no_thread(db: str,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-memory half of a fresh range's projection runs on a thread while Postgres inserts the trades: its
-    error is the range's error (the transaction rolls back, nothing is half-projected), and its thread has ended
-    when project_range returns or raises (a forked backfill worker must not inherit a running thread)."""
+    """The in-memory half of a fresh range's projection runs on a thread while Postgres inserts the trades. Its
+    error is the range's error (the transaction rolls back, nothing is half-projected). And whichever side fails,
+    its thread has ended when project_range raises (a forked backfill worker must not inherit a running thread):
+    the in-memory side here takes 0.3 s, longer than the failing statement."""
     import threading
+    import time
+
+    from sqlalchemy.exc import ProgrammingError
 
     from orderbook_pipelines.storage import projections
     from orderbook_pipelines.storage.projections import WrittenRange
@@ -213,13 +217,28 @@ def test_a_failure_of_the_in_memory_projection_surfaces_and_leaves_no_thread(db:
 
     events = _random_orders(random.Random(5))
     written = WrittenRange(events, {b: _ts(1_700_000_000 + b) for b in range(20)})
+    real = projections.project_in_memory
+
+    def slow(*args: object) -> object:
+        time.sleep(0.3)
+        return real(*args)  # type: ignore[arg-type]
 
     def broken(*args: object) -> None:
+        time.sleep(0.3)
         raise ZeroDivisionError("in-memory projection failed")
 
+    def alive() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "obp-memory-projection"]
+
     monkeypatch.setattr(projections, "project_in_memory", broken)
-    before = threading.active_count()
     with engine_for(db).connect() as conn, pytest.raises(ZeroDivisionError, match="in-memory projection failed"):
         project_range(conn, 31337, 0, 19, written)
-    assert threading.active_count() == before
-    assert not any(t.name == "obp-memory-projection" for t in threading.enumerate())
+    assert alive() == []
+
+    monkeypatch.setattr(projections, "project_in_memory", slow)
+    with engine_for(db).connect() as conn:
+        conn.execute(text("ALTER TABLE trades RENAME TO trades_elsewhere"))  # the trades statement fails at once
+        with pytest.raises(ProgrammingError, match="trades"):
+            project_range(conn, 31337, 0, 19, written)
+        assert alive() == [], "the in-memory thread outlived its range"
+        conn.rollback()

@@ -158,12 +158,10 @@ def _compile_args(spec: EventSpec) -> Callable[[Sequence[str], str], dict[str, A
 
     def value(param: _Param, word: str) -> None:
         v = f"v{len(items)}"
-        bits = m.group(1) if (m := _UINT.fullmatch(param.type)) else None
-        if bits is not None and int(bits or 256) == 256:
+        if m := _UINT.fullmatch(param.type):
             code.append(f"    {v} = from_bytes({word})")
-        elif bits is not None:
-            code.append(f"    {v} = from_bytes({word})")
-            code.append(f"    if {v} >= {1 << int(bits)}: raise ValueError")
+            if (bits := int(m.group(1) or 256)) < 256:
+                code.append(f"    if {v} >= {1 << bits}: raise ValueError")
         elif param.type == "address":
             code.append(f"    if {word}[:12] != Z12: raise ValueError")
             code.append(f"    {v} = '0x' + {word}[12:].hex()")

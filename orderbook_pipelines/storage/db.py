@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ def sqlalchemy_url(url: str) -> str:
 def libpq_url(url: str) -> str:
     """The same URL for psycopg/libpq (no SQLAlchemy driver suffix)."""
     return make_url(sqlalchemy_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def local_setting(conn: Connection, name: str, value: str) -> Iterator[None]:
+    """A server setting for the statements inside only, then the one the transaction had before (a caller's own
+    SET LOCAL included, which resetting to DEFAULT would lose). Not restored after an error: the transaction is
+    failed then, and a failed statement's error is the one to see."""
+    before = conn.exec_driver_sql("SELECT current_setting(%(n)s)", {"n": name}).scalar_one()
+    conn.exec_driver_sql("SELECT set_config(%(n)s, %(v)s, true)", {"n": name, "v": value})
+    yield
+    conn.exec_driver_sql("SELECT set_config(%(n)s, %(v)s, true)", {"n": name, "v": before})
 
 
 _cursor_ids = itertools.count()

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, text
 
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.obs import Laps
+from orderbook_pipelines.storage.db import local_setting
 from orderbook_pipelines.storage.writer import stage
 
 OrderKey = tuple[str, str]  # (contract, order id)
@@ -184,12 +185,6 @@ _POSITIONS = text("""
 _PROJECTION_LOCK = text("SELECT pg_advisory_xact_lock(727001)")
 
 
-# No parallel workers for a range's projection statements: each reads one range's worth of rows, and ingestion
-# keeps the cores busy itself (the node, Postgres' COPY, the other workers' ranges). Probing a fresh range's 21k
-# orders for events stored elsewhere took 115 ms with two parallel workers against 50 ms without (bench/realmix.py,
-# two workers). For this transaction only, until project_range returns.
-_SERIAL_PLANS = text("SET LOCAL max_parallel_workers_per_gather = 0")
-_PARALLEL_PLANS = text("SET LOCAL max_parallel_workers_per_gather = DEFAULT")
 
 
 # A fill or cancel belongs to the market of its order: rows of this range whose order is open elsewhere, and
@@ -321,7 +316,16 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
     clock = Laps()
     conn.execute(_PROJECTION_LOCK)
     clock.lap("lock")
-    conn.execute(_SERIAL_PLANS)
+    # No parallel workers for a range's projection statements: each reads one range's worth of rows, and ingestion
+    # keeps the cores busy itself (the node, Postgres' COPY, the other workers' ranges). Probing a fresh range's 21k
+    # orders for events stored elsewhere took 115 ms with two parallel workers against 50 ms without
+    # (bench/realmix.py, two workers).
+    with local_setting(conn, "max_parallel_workers_per_gather", "0"):
+        return _project_range(conn, chain_id, start, end, written, clock)
+
+
+def _project_range(conn: Connection, chain_id: int, start: int, end: int, written: WrittenRange | None,
+                   clock: Laps) -> RangeProjection:
     p = _params(chain_id, start, end)
     pending = _InMemory(chain_id, written) if written is not None else None
     try:
@@ -344,7 +348,6 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
         clock.lap("fill_markets")
         o = project_fresh_orders(conn, chain_id, start, end, memory, elsewhere)
     clock.lap("orders")
-    conn.execute(_PARALLEL_PLANS)
     return RangeProjection(moved, trades, o.keys, o.rows, positions, clock.seconds)
 
 

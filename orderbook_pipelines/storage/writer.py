@@ -20,6 +20,7 @@ from orderbook_pipelines.chain.decoding import Rejected
 from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.chain.rpc import BlockHeader
 from orderbook_pipelines.obs import Laps
+from orderbook_pipelines.storage.db import local_setting
 
 _EVENT_COLUMNS = (
     "chain_id", "block_number", "block_hash", "block_time", "tx_hash", "tx_index", "log_index", "contract",
@@ -138,14 +139,18 @@ class EventSink:
             (chain_id, start, processed_to),
         ).fetchone()
         self.direct = stored is not None and not stored[0]
-        self.block_time: dict[int, str] = {}  # converted once per block, not per row (ISO, for the projections)
-        self._block_dt: dict[int, datetime] = {}  # the same, for the binary COPY
+        self.block_dt: dict[int, datetime] = {}  # converted once per block, not per row
         self.events: list[OrderEventRow] = []
         self.inserted = 0
         self._copy: psycopg.Copy | None = None
         self._open = contextlib.ExitStack()  # holds the COPY's context manager: it ends the COPY
         self._segment = 0  # index in `events` of the first row of the open COPY
         self.laps.lap("guard")
+
+    @property
+    def block_time(self) -> dict[int, str]:
+        """The range's block times as ISO text, as the projections compare and write them (`WrittenRange`)."""
+        return {n: dt.isoformat() for n, dt in self.block_dt.items()}
 
     @property
     def fresh(self) -> bool:
@@ -155,9 +160,7 @@ class EventSink:
     def add(self, rows: list[OrderEventRow], headers: dict[int, BlockHeader]) -> None:
         """One window's rows (its blocks' headers give their block time)."""
         self.laps.skip()
-        for n, h in headers.items():
-            self._block_dt[n] = dt = datetime.fromtimestamp(h.timestamp, UTC)
-            self.block_time[n] = dt.isoformat()
+        self.block_dt.update((n, _block_dt(h.timestamp)) for n, h in headers.items())
         self.events += rows
         if rows:
             try:
@@ -197,7 +200,7 @@ class EventSink:
                 sql = f"COPY {stage(self.cur, 'order_events')} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
             self._copy = self._open.enter_context(self.cur.copy(sql))
             self._copy.set_types(_EVENT_TYPES)
-        copy, block_time = self._copy, self._block_dt
+        copy, block_time = self._copy, self.block_dt
         for e in rows:
             copy.write_row((e.chain_id, e.block_number, e.block_hash, block_time[e.block_number], e.tx_hash,
                             e.tx_index, e.log_index, e.contract, e.market_id, e.source, e.event_name, e.kind,
@@ -235,10 +238,10 @@ class EventSink:
         hs = list(headers.values())  # one statement, not one per block (~240 a range: 30-50 ms)
         cur.execute(
             "INSERT INTO blocks (chain_id, number, hash, parent_hash, block_time) "
-            "SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]::timestamptz[]) "
+            "SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[]) "
             "ON CONFLICT (chain_id, number) DO NOTHING",
             (self.chain_id, [h.number for h in hs], [h.hash for h in hs], [h.parent_hash for h in hs],
-             [self.block_time.get(h.number) or _ts(h.timestamp) for h in hs]),
+             [_block_dt(h.timestamp) for h in hs]),
         )
         blocks_inserted = max(cur.rowcount, 0)
         last = headers[self.processed_to]
@@ -297,14 +300,19 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
     names = [f"order_events_b{base:012d}" for base in range(lo, end + 1, width)]
     tuples: dict[str, float] = dict(conn.execute(
         text("SELECT relname, reltuples FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).all())
-    grown = [name for name in names if tuples.get(name, -1) < max(inserted, 1)]  # never analyzed (-1), empty,
-    if not grown:                                                                  # or doubled by this load
+    # never analyzed (-1), empty, or doubled by this load
+    grown = [name for name in names if tuples.get(name, -1) < max(inserted, 1)]
+    if not grown:
         return
-    conn.exec_driver_sql(f"SET LOCAL default_statistics_target = {_PLANNING_STATISTICS_TARGET}")
-    for name in grown:
-        conn.exec_driver_sql(f"ANALYZE {name} ({_PLANNED_COLUMNS})")
-    conn.exec_driver_sql("SET LOCAL default_statistics_target = DEFAULT")
+    with local_setting(conn, "default_statistics_target", str(_PLANNING_STATISTICS_TARGET)):
+        for name in grown:
+            conn.exec_driver_sql(f"ANALYZE {name} ({_PLANNED_COLUMNS})")
+
+
+def _block_dt(unix: int) -> datetime:
+    return datetime.fromtimestamp(unix, UTC)
 
 
 def _ts(unix: int) -> str:
-    return datetime.fromtimestamp(unix, UTC).isoformat()
+    """A block time as `WrittenRange.block_time` holds it (`EventSink.block_time`)."""
+    return _block_dt(unix).isoformat()
