@@ -11,6 +11,7 @@ import itertools
 import json
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
@@ -19,6 +20,11 @@ from orderbook_pipelines.chain.normalize import OrderEventRow
 from orderbook_pipelines.storage.db import drop_database, engine_for
 from orderbook_pipelines.storage.projections import project_range
 from tests.conftest import new_database
+
+
+def _at(unix: int) -> datetime:
+    return datetime.fromtimestamp(unix, UTC)
+
 
 ROUTER = "0x" + "ab" * 20
 A, B = 1, 2  # market ids (identity values of the two inserted markets)
@@ -96,7 +102,7 @@ def test_a_range_projected_from_memory_moves_the_fills_stored_after_it(db: str, 
                               "0xt", None, e["side"], e["ot"], e["p"], e["q"], None, None, None, None, "{}")
                 for e in EVENTS if a <= e["b"] <= b]
         with engine_for(db).begin() as conn:
-            project_range(conn, 31337, a, b, WrittenRange(rows, dict.fromkeys(range(20), "2024-01-01T00:00:00Z")))
+            project_range(conn, 31337, a, b, WrittenRange(rows, dict.fromkeys(range(20), _at(1_704_067_200))))
     markets, orders = _state(db)
     assert markets == [(1, 0, A), (1, 1, B), (10, 0, A), (10, 1, B), (11, 0, A), (11, 1, B)], json.dumps(order)
     assert orders == [(A, "1", 4, "partially_filled"), (B, "2", 4, "cancelled"), (A, "3", 0, "open")]
@@ -163,12 +169,11 @@ def test_orders_computed_in_memory_equal_the_sql_rule(db: str, span: tuple[int, 
         project_orders,
         stored_elsewhere,
     )
-    from orderbook_pipelines.storage.writer import _ts
 
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     events = _random_orders(rng)
-    block_time = {b: _ts(1_700_000_000 + 2 * b + rng.randrange(2)) for b in range(20)}
+    block_time = {b: _at(1_700_000_000 + 2 * b + rng.randrange(2)) for b in range(20)}
     lo, hi = span
     with engine_for(db).begin() as conn:
         conn.execute(text("""
@@ -213,10 +218,9 @@ def test_a_failure_of_the_in_memory_projection_surfaces_and_leaves_no_thread(db:
 
     from orderbook_pipelines.storage import projections
     from orderbook_pipelines.storage.projections import WrittenRange
-    from orderbook_pipelines.storage.writer import _ts
 
     events = _random_orders(random.Random(5))
-    written = WrittenRange(events, {b: _ts(1_700_000_000 + b) for b in range(20)})
+    written = WrittenRange(events, {b: _at(1_700_000_000 + b) for b in range(20)})
     real = projections.project_in_memory
 
     def slow(*args: object) -> object:

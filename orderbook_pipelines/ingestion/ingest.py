@@ -104,7 +104,7 @@ def _ingest(config: ProjectConfig, chain: ChainClient, engine: Engine, start: in
         ingest_metrics.substages("write", result.seconds)
         faults.crash_point("events_written")
         t = time.perf_counter()
-        written = WrittenRange(sink.events, sink.block_time) if sink.fresh else None
+        written = WrittenRange(sink.events, sink.block_dt) if sink.fresh else None
         projected = project_range(conn, cid, start, processed_to, written)
         faults.crash_point("projected")
         ingest_metrics.record("project", time.perf_counter() - t, **asdict(projected))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import psycopg
 from sqlalchemy import Connection, text
@@ -74,6 +75,10 @@ _FIRST = "ORDER BY e.block_number, e.log_index"
 _ORDER_COLUMNS = ("market_id", "chain_id", "contract", "order_id", "trader", "side", "order_type", "price",
                   "quantity", "filled", "remaining", "status", "fill_count", "created_block", "created_log",
                   "updated_block", "created_at", "updated_at")
+# Rows of `order_state` are COPYed in binary, as the events are (storage/writer.py): Postgres parses no numbers or
+# times (the orders of a 95k-event range: ~15% less time to store).
+_ORDER_TYPES = ("integer", "bigint", "text", "text", "text", "smallint", "smallint", "numeric", "numeric", "numeric",
+                "numeric", "text", "integer", "bigint", "integer", "bigint", "timestamptz", "timestamptz")
 # Every statement that writes `orders` opens with this comment: what pg_stat_activity shows an operator (and the
 # crash tests) first, whichever of the three forms below runs.
 ORDERS_WRITE = "/* orders projection */"
@@ -245,7 +250,7 @@ class MemoryProjection:
 
 
 def project_in_memory(chain_id: int, events: Iterable[OrderEventRow],
-                      block_time: Mapping[int, str]) -> MemoryProjection:
+                      block_time: Mapping[int, datetime]) -> MemoryProjection:
     """One pass over a range's events. `unopened`: normalize gave every other fill and cancel exactly the market of
     its order's open in the range, so only these can move (`_FILL_MARKETS_OF_ORDERS`). `orders`: `order_state` of
     each order, right for the orders with no stored event outside the range (`project_fresh_orders`)."""
@@ -278,7 +283,7 @@ class WrittenRange:
     the projections take what they can from memory (`project_in_memory`) instead of reading it back."""
 
     events: list[OrderEventRow]
-    block_time: Mapping[int, str]  # as stored in order_events.block_time
+    block_time: Mapping[int, datetime]  # of every block of the range with an event (`EventSink.block_dt`)
 
 
 class _InMemory:
@@ -368,18 +373,19 @@ def project_orders(conn: Connection, chain_id: int, start: int, end: int) -> Pro
 
 
 _ORDER_KINDS = frozenset({"open", "fill", "cancel"})
+_EPOCH = datetime.min.replace(tzinfo=UTC)  # before any block
 
 
-def order_state(chain_id: int, events: Iterable[OrderEventRow], block_time: Mapping[int, str]) -> tuple | None:
+def order_state(chain_id: int, events: Iterable[OrderEventRow], block_time: Mapping[int, datetime]) -> tuple | None:
     """The `orders` row (in `_ORDER_COLUMNS` order) of one order from ALL its events, by `_orders_sql`'s rule:
     the first open with a market names it, fills add up, a cancel or a market order ends it. None without such
     an open (the SQL leaves those out too)."""
     first: OrderEventRow | None = None
     filled = fills = 0
     cancelled = False
-    last, updated = -1, ""
+    last, updated = -1, _EPOCH
     for e in events:
-        last, updated = max(last, e.block_number), max(updated, block_time[e.block_number])  # one ISO format
+        last, updated = max(last, e.block_number), max(updated, block_time[e.block_number])
         if e.kind == "open":
             if e.market_id is not None and (first is None or (e.block_number, e.log_index) <
                                             (first.block_number, first.log_index)):
@@ -442,20 +448,21 @@ def _insert_fresh_orders(cur: psycopg.Cursor, rows: list[tuple]) -> int:
     if row is not None and not row[0]:
         cur.execute("SAVEPOINT obp_orders")
         try:
-            _copy(cur, f"{ORDERS_WRITE} COPY orders ({cols}) FROM STDIN", rows)
+            _copy(cur, f"{ORDERS_WRITE} COPY orders ({cols}) FROM STDIN (FORMAT BINARY)", rows)
             cur.execute("RELEASE SAVEPOINT obp_orders")
             return len(rows)
         except psycopg.errors.UniqueViolation:
             cur.execute("ROLLBACK TO SAVEPOINT obp_orders")
             cur.execute("RELEASE SAVEPOINT obp_orders")
     staged = stage(cur, "orders")
-    _copy(cur, f"COPY {staged} ({cols}) FROM STDIN", rows)
+    _copy(cur, f"COPY {staged} ({cols}) FROM STDIN (FORMAT BINARY)", rows)
     cur.execute(ORDERS_WRITE + _UPSERT_ORDERS.format(select=f"{cols} FROM {staged}"))
     return max(cur.rowcount, 0)
 
 
 def _copy(cur: psycopg.Cursor, sql: str, rows: list[tuple]) -> None:
     with cur.copy(sql) as copy:
+        copy.set_types(_ORDER_TYPES)
         for row in rows:
             copy.write_row(row)
 

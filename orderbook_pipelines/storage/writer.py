@@ -139,18 +139,13 @@ class EventSink:
             (chain_id, start, processed_to),
         ).fetchone()
         self.direct = stored is not None and not stored[0]
-        self.block_dt: dict[int, datetime] = {}  # converted once per block, not per row
+        self.block_dt: dict[int, datetime] = {}  # converted once per block, not per row; also the projections'
         self.events: list[OrderEventRow] = []
         self.inserted = 0
         self._copy: psycopg.Copy | None = None
         self._open = contextlib.ExitStack()  # holds the COPY's context manager: it ends the COPY
         self._segment = 0  # index in `events` of the first row of the open COPY
         self.laps.lap("guard")
-
-    @property
-    def block_time(self) -> dict[int, str]:
-        """The range's block times as ISO text, as the projections compare and write them (`WrittenRange`)."""
-        return {n: dt.isoformat() for n, dt in self.block_dt.items()}
 
     @property
     def fresh(self) -> bool:
@@ -312,7 +307,3 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
 def _block_dt(unix: int) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
 
-
-def _ts(unix: int) -> str:
-    """A block time as `WrittenRange.block_time` holds it (`EventSink.block_time`)."""
-    return _block_dt(unix).isoformat()
