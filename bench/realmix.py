@@ -446,6 +446,14 @@ def main() -> None:
             rep.figure(f"{name}_ratio_to_node", eps / node_lps, "x", target=0.5)
             for k, v in best["cpu"].items():
                 rep.figure(f"{name}_cpu_us_per_event_{k}", v / events * 1e6, "us/event")
+            # Whether the run waited or had no CPU left: its processes' CPU against every core for the whole run,
+            # and the ratio it could reach with that CPU if no core ever idled (start-up and the last range's
+            # projections run on one core). Below the target, the CPU per event has to come down, not the waits.
+            used = sum(best["cpu"][k] for k in ("node", "postgres_server", "indexer"))
+            cores = os.cpu_count() or 1
+            rep.figure(f"{name}_cpu_busy_share", used / (cores * best["seconds"]), "of all cores", cores=cores)
+            rep.figure(f"{name}_ratio_if_no_core_idled", events / (used / cores) / node_lps, "x",
+                       cpu_s=round(used, 2))
             for k, v in sorted(best["stages"].items()):
                 rep.figure(f"{name}_stage_s_{k}", v, "s", summed_over_ranges=True)
         if len(set(digests.values())) != 1:
