@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eth_abi import decode as abi_decode
-from eth_abi import encode as abi_encode
-from eth_utils import keccak
+from eth_hash.auto import keccak
 
 from orderbook_pipelines.chain.decoding import canonical_type
 from orderbook_pipelines.chain.rpc import ChainClient, RpcError
@@ -34,9 +32,14 @@ class ContractViews:
         return [o.get("name", "") for o in self.fns[name]["outputs"]]
 
     def call(self, address: str, name: str, args: list[Any], block: int) -> tuple:
+        # eth_abi on first use: importing it (with eth_utils and its grammar) costs every Dagster run process and
+        # the code server ~0.15 s at start, and most runs never call a view.
+        from eth_abi import decode as abi_decode
+        from eth_abi import encode as abi_encode
+
         fn = self.fns[name]
         in_types = [canonical_type(i) for i in fn["inputs"]]
-        data = keccak(text=f"{name}({','.join(in_types)})")[:4] + abi_encode(in_types, args)
+        data = keccak(f"{name}({','.join(in_types)})".encode())[:4] + abi_encode(in_types, args)
         out = self.chain.call("eth_call", [{"to": address, "data": "0x" + data.hex()}, hex(block)])
         if out in (None, "0x"):
             raise NoContractCode(f"{address} has no code (or returned nothing) for {name} at block {block}")
