@@ -306,4 +306,3 @@ def _analyze_grown(conn: Connection, start: int, end: int, width: int, inserted:
 
 def _block_dt(unix: int) -> datetime:
     return datetime.fromtimestamp(unix, UTC)
-
