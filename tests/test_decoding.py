@@ -807,3 +807,72 @@ def test_generated_decoder_of_static_events_equals_the_generic_one(decoder, case
     if isinstance(want, dict):
         assert isinstance(got, dict) and list(got) == list(want)
         assert [type(v) for v in got.values()] == [type(v) for v in want.values()]
+
+
+# -- logs read straight into rows against decode-then-normalize ----------------------------------------------------
+@st.composite
+def _mapped_batch(draw):
+    """An all-static event from `_static_event_and_log`, a random mapping of it (kind, canonical fields onto its
+    arguments, market rule), a registry that may or may not know its contract and metric hash, and a batch of its
+    logs: the drawn one (maybe malformed) at several positions, with envelopes that are sometimes broken."""
+    from orderbook_pipelines.chain.decoding import EventSpec
+    from orderbook_pipelines.config import CANONICAL_FIELDS, EventKind, EventMapping
+
+    indexed, data, topics, data_hex = draw(_static_event_and_log())
+    names = [p.name for p in (*indexed, *data)]
+    fields = {f: draw(st.sampled_from(names)) for f in CANONICAL_FIELDS if names and draw(st.booleans())}
+    rules = ["emitter", "tx", *(f"metric_hash:{n}" for n in names)]
+    # Unvalidated: any kind with any fields (a configuration file is checked when it loads; the builder is not).
+    mapping = EventMapping.model_construct(kind=draw(st.sampled_from(list(EventKind))), fields=fields,
+                                           market=draw(st.sampled_from(rules)))
+    spec = EventSpec("s", "E", "E()", "0x" + "ab" * 32, tuple(indexed), tuple(data), mapping)
+    address = "0x" + "c3" * 20
+    hashes = {str(t).lower() for t in topics[1:]} | {"0x" + "00" * 32}
+    registry = MarketRegistry({address: 7} if draw(st.booleans()) else {},
+                              {h: 9 for h in hashes if draw(st.booleans())})
+    logs = []
+    for i in range(draw(st.integers(1, 4))):
+        log = {"address": draw(st.sampled_from([address, address.upper().replace("0X", "0x"), UNREGISTERED])),
+               "topics": list(topics), "data": data_hex, "blockNumber": hex(10 + i // 2),
+               "blockHash": "0x" + f"{10 + i // 2:02x}" * 32, "transactionHash": "0x" + f"{i % 2:02x}" * 32,
+               "transactionIndex": hex(i % 2), "logIndex": hex(i), "removed": False}
+        if draw(st.integers(0, 9)) == 0:
+            del log[draw(st.sampled_from(["blockNumber", "logIndex", "address", "topics", "data"]))]
+        logs.append(log)
+    if draw(st.booleans()) and topics[1:]:
+        logs.append({**logs[0], "topics": ["0x" + "cd" * 32, *topics[1:]], "logIndex": hex(len(logs))})  # unknown
+    return spec, address, registry, logs
+
+
+@given(case=_mapped_batch())
+@settings(max_examples=500, deadline=None)
+def test_logs_read_straight_into_rows_equal_decoding_then_normalizing(case):
+    """read_rows builds the rows of an all-static event straight from the JSON (one generated function decodes
+    and maps). The reference is the generic path: Decoder._decode_args' loop over converters, then normalize of
+    the decoded logs. Same rows in the same order (markets by every rule, fills through the tx rule), same
+    rejections with the same reasons, and the unknown metric hashes are exactly those the decoded arguments name
+    that the registry lacks."""
+    from orderbook_pipelines.chain.normalize import _direct_builder, _plan, read_rows
+
+    spec, address, registry, logs = case
+    dec = Decoder.__new__(Decoder)  # one configured event, built from the drawn spec rather than a config file
+    dec.address_sources, dec.specs = {address: "s"}, {("s", spec.topic0): spec}
+    if not any(p.type == "bool" for p in (*spec.indexed, *spec.data)):  # bools take the generic path
+        assert _direct_builder(spec, _plan(spec.mapping)) is not None
+
+    def order_markets(keys: set[str]) -> dict[str, int]:
+        return {k: 11 for k in keys if k.endswith("1")}
+
+    decoded, want_rejected = dec.decode_all(logs)
+    want_rows = normalize(decoded, registry, 31337, order_markets)
+    rule = spec.mapping.market
+    want_unknown = set()
+    if rule.startswith("metric_hash:"):
+        arg = rule.split(":", 1)[1]
+        want_unknown = {str(d.args[arg]).lower() for d in decoded} - registry.by_metric_hash.keys()
+
+    got = read_rows(dec, logs, registry, 31337, order_markets)
+    assert got.rows == want_rows
+    assert [(r.pos, r.reason) for r in got.rejected] == [(r.pos, r.reason) for r in want_rejected]
+    assert set(got.unknown_metric_hashes) == want_unknown
+    assert set(got.unknown_metric_hashes.values()) <= {"s"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from eth_hash.auto import keccak
@@ -20,6 +20,9 @@ from eth_hash.auto import keccak
 from orderbook_pipelines.config import EventMapping, ProjectConfig
 
 _WORD = 32
+T = TypeVar("T")
+# A log straight to what the caller keeps: (log, block number, block hash, tx hash, tx index, log index, address).
+DirectRow = Callable[[dict, int, str, str, int, int, str], T]
 
 
 # Named tuples, not frozen dataclasses: a backfill makes two per log, and a frozen dataclass's __init__ costs a
@@ -97,7 +100,7 @@ class EventSpec:
         object.__setattr__(self, "data_conv", tuple(
             (p.name, _converter(p.type), i * _WORD, (i + 1) * _WORD) for i, p in enumerate(self.data))
             if self.data_static else ())
-        object.__setattr__(self, "args_json", _json_writer(self.indexed, self.data, self.data_static))
+        object.__setattr__(self, "args_json", _json_writer(self))
         object.__setattr__(self, "fast_args", _compile_args(self) if self.data_static else None)
 
 
@@ -147,14 +150,16 @@ _ZERO12 = bytes(12)
 _UINT = re.compile(r"uint(\d*)")
 
 
-def _compile_args(spec: EventSpec) -> Callable[[Sequence[str], str], dict[str, Any]]:
-    """`Decoder._decode_args` of one all-static event as straight-line code, generated once from its ABI: the same
-    checks and values, without the per-parameter loop, tuple unpacking and converter calls (a third of decoding a
-    log of the real mix). It raises on anything malformed without saying what: the caller then runs the generic
-    decoder, whose error names the fault. Parameter names reach the code only as string literals (repr)."""
+def decode_lines(spec: EventSpec) -> tuple[dict[str, Any], list[str], list[tuple[_Param, str]]]:
+    """The body of `Decoder._decode_args` for one all-static event as straight-line code, generated once from its
+    ABI: the same checks and values, without the per-parameter loop, tuple unpacking and converter calls (a third
+    of decoding a log of the real mix). The code reads `topics` and `data_hex` and leaves each parameter's value in
+    a local variable (returned with its parameter); it raises on anything malformed without saying what: the caller
+    then runs the generic decoder, whose error names the fault. Parameter names reach the code only as string
+    literals (repr). Also the first half of a row built straight from a log (chain/normalize.py)."""
     ns: dict[str, Any] = {"fromhex": bytes.fromhex, "from_bytes": int.from_bytes, "Z12": _ZERO12}
-    code = ["def decode(topics, data_hex):", f"    if len(topics) != {1 + len(spec.indexed)}: raise ValueError"]
-    items: list[tuple[str, str]] = []
+    code = [f"    if len(topics) != {1 + len(spec.indexed)}: raise ValueError"]
+    items: list[tuple[_Param, str]] = []
 
     def value(param: _Param, word: str) -> None:
         v = f"v{len(items)}"
@@ -168,7 +173,7 @@ def _compile_args(spec: EventSpec) -> Callable[[Sequence[str], str], dict[str, A
         else:
             ns[f"c{v}"] = _converter(param.type)
             code.append(f"    {v} = c{v}({word})")
-        items.append((param.name, v))
+        items.append((param, v))
 
     for i, param in enumerate(spec.indexed, start=1):
         code += [f"    t = topics[{i}]", "    w = fromhex(t[2:])", "    if len(w) != 32: raise ValueError"]
@@ -176,13 +181,20 @@ def _compile_args(spec: EventSpec) -> Callable[[Sequence[str], str], dict[str, A
             value(param, "w")
         else:  # stored as the keccak hash of the value
             code.append(f"    v{len(items)} = t.lower()")
-            items.append((param.name, f"v{len(items)}"))
+            items.append((param, f"v{len(items)}"))
     code += ["    if not data_hex.startswith('0x'): raise ValueError", "    d = fromhex(data_hex[2:])",
              f"    if len(d) != {_WORD * len(spec.data)}: raise ValueError"]
     for i, param in enumerate(spec.data):
         value(param, f"d[{i * _WORD}:{(i + 1) * _WORD}]")
-    code.append("    return {" + ", ".join(f"{name!r}: {v}" for name, v in items) + "}")
-    exec("\n".join(code), ns)  # code built above from ABI types; names only as literals
+    return ns, code, items
+
+
+def _compile_args(spec: EventSpec) -> Callable[[Sequence[str], str], dict[str, Any]]:
+    """`Decoder._decode_args` of one all-static event, from `decode_lines`."""
+    ns, code, items = decode_lines(spec)
+    code = ["def decode(topics, data_hex):", *code,
+            "    return {" + ", ".join(f"{p.name!r}: {v}" for p, v in items) + "}"]
+    exec("\n".join(code), ns)  # code built by decode_lines from ABI types; names only as literals
     return ns["decode"]
 
 
@@ -218,17 +230,24 @@ def args_json(args: dict[str, Any]) -> str:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _json_writer(indexed: tuple[_Param, ...], data: tuple[_Param, ...],
-                 data_static: bool) -> Callable[[dict[str, Any]], str]:
-    """`args_json` of one event, as a format string when every value is a number or a hex string (uints, ints,
-    addresses, bytesN; dynamic indexed values are their topic's hex): the same text as `args_json`, without its
-    per-log dict of converted values (a third of normalizing a log). Other events take `args_json`."""
-    params = (*indexed, *data)
-    if not data_static or any(p.type == "bool" or not _NAME.fullmatch(p.name) for p in params) \
+def json_template(spec: EventSpec) -> tuple[str, tuple[str, ...]] | None:
+    """`args_json` of one event as a %-format string and the argument names it takes, in order, when every value is
+    a number or a hex string (uints, ints, addresses, bytesN; dynamic indexed values are their topic's hex): the same
+    text as `args_json`, without its per-log dict of converted values (a third of normalizing a log). None for the
+    other events, which take `args_json`."""
+    params = (*spec.indexed, *spec.data)
+    if not spec.data_static or any(p.type == "bool" or not _NAME.fullmatch(p.name) for p in params) \
             or len({p.name for p in params}) != len(params):
+        return None
+    names = tuple(sorted(p.name for p in params))
+    return "{" + ",".join(f'"{n}":"%s"' for n in names) + "}", names
+
+
+def _json_writer(spec: EventSpec) -> Callable[[dict[str, Any]], str]:
+    got = json_template(spec)
+    if got is None:
         return args_json
-    names = sorted(p.name for p in params)
-    template = "{" + ",".join(f'"{n}":"%s"' for n in names) + "}"
+    template, names = got
     if not names:
         return lambda args: "{}"
     pick = operator.itemgetter(*names)
@@ -288,10 +307,21 @@ class Decoder:
         return self._decode(log, pos)
 
     def decode_all(self, logs: Iterable[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
-        """`decode` of every log of an answer. Consecutive logs of one block or transaction carry the same position
-        strings: each block's and transaction's are parsed once, not once per log (a block holds hundreds)."""
-        decoded: list[DecodedLog] = []
+        """`decode` of every log of an answer."""
+        return self.read_all(logs, {}, _same)
+
+    def read_all(self, logs: Iterable[dict], direct: Mapping[tuple[str, str], DirectRow[T]],
+                 build: Callable[[DecodedLog], T]) -> tuple[list[T], list[Rejected]]:
+        """Every log of an answer turned into what the caller keeps (`T`), in chain order, and the rejected ones.
+
+        A log whose (source, topic0) has a `direct` function goes straight from its JSON to its `T` (generated code
+        that decodes and builds in one step, chain/normalize.py); anything that function refuses, and every other
+        log, is decoded here (`decode`: a rejection says why) and handed to `build`. Consecutive logs of one block
+        or transaction carry the same position strings: each block's and transaction's are parsed once, not once
+        per log (a block holds hundreds)."""
+        out: list[T] = []
         rejected: list[Rejected] = []
+        sources = self.address_sources
         bn_raw = bh_raw = th_raw = ti_raw = None
         bn = ti = 0
         bh = th = ""
@@ -306,18 +336,26 @@ class Decoder:
                     th, ti = log["transactionHash"].lower(), _int(log["transactionIndex"])
                     th_raw, ti_raw = log["transactionHash"], log["transactionIndex"]
                 li = log["logIndex"]
-                # tuple.__new__: a namedtuple's own __new__ is a Python frame, twice per log
-                pos = _new(LogPosition, (bn, bh, th, ti, int(li, 16) if li.__class__ is str else _int(li),
-                                         log["address"].lower()))
+                li = int(li, 16) if li.__class__ is str else _int(li)
+                address = log["address"].lower()
             except _ENVELOPE_ERRORS:
-                out = self.decode(log)  # which says what is wrong with it
+                got = self.decode(log)  # which says what is wrong with it
             else:
-                out = self._decode(log, pos)
-            if out.__class__ is DecodedLog:
-                decoded.append(out)
+                if direct:
+                    try:
+                        fn = direct.get((sources.get(address), log["topics"][0].lower()))  # type: ignore[arg-type]
+                        if fn is not None:
+                            out.append(fn(log, bn, bh, th, ti, li, address))
+                            continue
+                    except Exception:  # malformed: the generic decoder below says how
+                        pass
+                # tuple.__new__: a namedtuple's own __new__ is a Python frame, twice per log
+                got = self._decode(log, _new(LogPosition, (bn, bh, th, ti, li, address)))
+            if got.__class__ is DecodedLog:
+                out.append(build(got))
             else:
-                rejected.append(out)  # type: ignore[arg-type]
-        return decoded, rejected
+                rejected.append(got)  # type: ignore[arg-type]
+        return out, rejected
 
     def _decode(self, log: dict, pos: LogPosition) -> DecodedLog | Rejected:
         try:
@@ -373,6 +411,10 @@ class Decoder:
 
 _ENVELOPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
 _new = tuple.__new__
+
+
+def _same(decoded: DecodedLog) -> DecodedLog:
+    return decoded
 
 
 def _abi_decode(types: list[str], data: bytes) -> tuple[Any, ...]:

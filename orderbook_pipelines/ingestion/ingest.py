@@ -16,7 +16,6 @@ from sqlalchemy import Connection, Engine
 from orderbook_pipelines import faults
 from orderbook_pipelines.book.model import order_key
 from orderbook_pipelines.chain.decoding import Rejected
-from orderbook_pipelines.chain.normalize import metric_hashes_needed
 from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.gc_pause import gc_paused
@@ -134,9 +133,10 @@ class _Streamed:
 
 def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn: Connection, sink: EventSink,
             start: int, end: int) -> _Streamed:
-    """Fetch, decode, normalize and COPY [start, end] window by window: each window is stored while the next is
-    fetched and decoded. Markets named by a window's metric hashes are registered before its rows are made, and
-    a fill takes the market of its order opened in an earlier window, as if the range were one batch."""
+    """Fetch, read (decode and normalize) and COPY [start, end] window by window: each window is stored while the
+    next is fetched. A window naming metric hashes of markets not registered yet is read again once they are, and
+    a fill takes the market of its order opened in an earlier window, as if the range were one batch. Stage times:
+    `decode_s` reading the logs into rows, `normalize_s` the rest (market discovery, the opens noted)."""
     cid = config.chain.chain_id
     out = _Streamed()
     opened: dict[str, int] = {}  # order key -> market, of the opens of earlier windows
@@ -147,28 +147,28 @@ def _stream(config: ProjectConfig, reader: EventReader, chain: ChainClient, conn
     always = {start, end} | ({start - 1} if start > 0 else set())
     for win in reader.windows(chain, start, end, always):
         out.logs += win.logs
-        out.decoded += len(win.decoded)
-        out.rejected += win.rejected
         out.headers.update(win.headers)
         out.waited_s += win.waited_s
-        out.decode_s += win.decode_s
         t = time.perf_counter()
-        hashes = metric_hashes_needed(win.decoded)
-        if hashes - reader.registry.by_metric_hash.keys():
+        read = reader.read(win.raw, markets_of)
+        t1 = time.perf_counter()
+        out.decode_s += t1 - t
+        if read.unknown_metric_hashes:
             sink.pause()  # registry statements need the connection the COPY holds
-            known = reader.registry.by_metric_hash
-            for src_name in sorted({d.source for d in win.decoded if d.mapping.market.startswith("metric_hash:")}):
-                new = {h for h in hashes if h not in known}
+            new = set(read.unknown_metric_hashes)
+            for src_name in sorted(set(read.unknown_metric_hashes.values())):
                 out.discovered += registry.discover_metric_hashes(conn, cid, new, _book_source(config, src_name),
                                                                   start)
             reader = reader.reload_registry(conn)
-        rows = reader.rows(win.decoded, markets_of)
+            read = reader.read(win.raw, markets_of)  # again, with the markets just registered
+        rows = read.rows
+        out.decoded += len(rows)
+        out.rejected += read.rejected
         opened.update((order_key(r.contract, r.order_id), r.market_id) for r in rows
                       if r.kind == "open" and r.market_id is not None and r.order_id is not None)
-        out.normalize_s += time.perf_counter() - t
+        out.normalize_s += time.perf_counter() - t1
         sink.add(rows, win.headers)
     return out
-
 
 
 def _book_source(config: ProjectConfig, router_source: str) -> str:

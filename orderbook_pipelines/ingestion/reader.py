@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from orderbook_pipelines.chain.decoding import DecodedLog, Decoder, Rejected
-from orderbook_pipelines.chain.normalize import MarketRegistry, OrderEventRow, OrderMarkets, normalize
+from orderbook_pipelines.chain.decoding import Decoder
+from orderbook_pipelines.chain.normalize import MarketRegistry, OrderMarkets, RowsRead, read_rows
 from orderbook_pipelines.chain.rpc import BlockHeader, ChainClient
 from orderbook_pipelines.config import ProjectConfig
 from orderbook_pipelines.storage import registry
@@ -77,15 +77,16 @@ def _tail_logs(logs: list[dict], last_block: int, blocks: int) -> int:
 
 @dataclass
 class Window:
-    """Consecutive blocks of a range, fetched and decoded, with the headers of the blocks that the range needs
-    (every block with a log, and the `always` blocks up to the window's end), and where this thread's time went."""
+    """Consecutive blocks of a range, fetched: their logs in chain order, and the headers of the blocks that the
+    range needs (every block with a log, and the `always` blocks up to the window's end)."""
 
-    logs: int
-    decoded: list[DecodedLog]
-    rejected: list[Rejected]
+    raw: list[dict]
     headers: dict[int, BlockHeader]
     waited_s: float = 0.0  # this thread waiting for the node
-    decode_s: float = 0.0  # this thread decoding
+
+    @property
+    def logs(self) -> int:
+        return len(self.raw)
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,12 @@ class EventReader:
 
     def windows(self, chain: ChainClient, start: int, end: int, always: set[int]) -> Iterator[Window]:
         """[start, end] window by window, with the headers of `always` and of every block with a log. One thread
-        fetches (the client is used by it alone meanwhile) while this one decodes, and the caller writes, the window
-        before: the node serves logs while Python decodes and Postgres stores, instead of each waiting in turn."""
+        fetches (the client is used by it alone meanwhile) while the caller reads and writes the window before: the
+        node serves logs while Python decodes and Postgres stores, instead of each waiting in turn."""
         if not self.sources or end < start:
             t = time.perf_counter()
             headers = chain.headers(sorted(always))
-            yield Window(0, [], [], headers, waited_s=time.perf_counter() - t)
+            yield Window([], headers, waited_s=time.perf_counter() - t)
             return
         fetched: queue.SimpleQueue[tuple[list[dict], dict[int, BlockHeader], BlockHeader, BlockHeader] | None] = (
             queue.SimpleQueue())
@@ -169,15 +170,11 @@ class EventReader:
                             f"read moments before ({last.hash}): the chain reorganised while the range was read. "
                             "Nothing was written.")
                     last = end_header
-                    decoded, rejected = self.decode(logs)
-                    yield Window(len(logs), decoded, rejected, headers, waited_s=t1 - t,
-                                 decode_s=time.perf_counter() - t1)
+                    yield Window(logs, headers, waited_s=t1 - t)
             finally:
                 stop.set()
             done.result()
 
-    def decode(self, logs: list[dict]) -> tuple[list[DecodedLog], list[Rejected]]:
-        return self.decoder.decode_all(logs)
-
-    def rows(self, decoded: list[DecodedLog], order_markets: OrderMarkets | None = None) -> list[OrderEventRow]:
-        return normalize(decoded, self.registry, self.config.chain.chain_id, order_markets)
+    def read(self, logs: list[dict], order_markets: OrderMarkets | None = None) -> RowsRead:
+        """Raw logs -> rows (their markets by this reader's registry snapshot) and rejections."""
+        return read_rows(self.decoder, logs, self.registry, self.config.chain.chain_id, order_markets)

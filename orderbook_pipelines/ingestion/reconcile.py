@@ -138,10 +138,10 @@ def diff_range(config: ProjectConfig, chain: ChainClient, conn: Connection, cp: 
     cid = config.chain.chain_id
     d = RangeDiff(cp.range_start, cp.range_end, cp.processed_to)
     d.bad_blocks = _block_diffs(conn, chain, cid, cp.range_start, cp.processed_to, head)
-    decoded, rejected = reader.decode(reader.fetch(chain, cp.range_start, min(cp.processed_to, head)))
-    chain_rejected = {(x.pos.block_number, x.pos.log_index, x.pos.block_hash) for x in rejected}
-    rows = reader.rows(decoded, lambda keys: open_markets(conn, cid, keys))
-    chain_events = {(r.block_number, r.log_index, r.block_hash): r.market_id for r in rows}
+    read = reader.read(reader.fetch(chain, cp.range_start, min(cp.processed_to, head)),
+                       lambda keys: open_markets(conn, cid, keys))
+    chain_rejected = {(x.pos.block_number, x.pos.log_index, x.pos.block_hash) for x in read.rejected}
+    chain_events = {(r.block_number, r.log_index, r.block_hash): r.market_id for r in read.rows}
     p = {"c": cid, "s": cp.range_start, "e": cp.range_end}
     stored_events = {(r.block_number, r.log_index, r.block_hash): r.market_id for r in conn.execute(
         text("""SELECT block_number, log_index, block_hash, market_id FROM order_events

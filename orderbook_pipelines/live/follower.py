@@ -331,7 +331,7 @@ class Follower:
     def _rows(self, logs: list[dict]) -> list[OrderEventRow]:
         """Rows of the block's logs; a fill or cancel of an order opened earlier takes its book's market."""
         assert self._reader is not None
-        return self._reader.rows(self._reader.decode(logs)[0], self.books.markets_of)
+        return self._reader.read(logs, self.books.markets_of).rows
 
     @staticmethod
     def _events(rows: list[OrderEventRow], only: set[int] | None = None) -> dict[int, list[BookEvent]]:
