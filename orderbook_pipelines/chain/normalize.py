@@ -1,4 +1,5 @@
-"""Decoded contract events -> canonical order events (the rows of `order_events`), with their market.
+"""Raw logs (`read_rows`) and decoded contract events (`normalize`) -> canonical order events (the rows of
+`order_events`), with their market.
 
 Pure: market resolution takes a registry snapshot (and, for fills and cancels, a lookup of known orders), so
 the same inputs always give the same rows. The one rule, shared by ingestion, reconciliation and the live
@@ -157,7 +158,9 @@ def _direct_builder(spec: EventSpec, plan: _Plan) -> DirectBuilder | None:
         return _direct_builders[key]
     template = json_template(spec) if spec.fast_args is not None else None
     fn: DirectBuilder | None = None
-    if template is not None:
+    named = {p.name for p in (*spec.indexed, *spec.data)}
+    used = {n for n in (*plan.ids, *plan.values, plan.market_arg) if n is not None}
+    if template is not None and used <= named:  # else the generic path, as before (a loaded config has no such)
         ns, code, items = decode_lines(spec)
         var = {p.name: v for p, v in items}
         ns.update(Row=OrderEventRow, source=spec.source, event=spec.name, kind=plan.kind)
