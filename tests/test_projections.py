@@ -232,7 +232,7 @@ def test_a_failure_of_the_in_memory_projection_surfaces_and_leaves_no_thread(db:
         raise ZeroDivisionError("in-memory projection failed")
 
     def alive() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name == "obp-memory-projection"]
+        return [t for t in threading.enumerate() if t.name.startswith("obp-memory-projection")]
 
     monkeypatch.setattr(projections, "project_in_memory", broken)
     with engine_for(db).connect() as conn, pytest.raises(ZeroDivisionError, match="in-memory projection failed"):

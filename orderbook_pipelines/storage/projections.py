@@ -15,8 +15,8 @@ backfill, a concurrent range) still converges to the market the open names.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -286,30 +286,6 @@ class WrittenRange:
     block_time: Mapping[int, datetime]  # of every block of the range with an event (`EventSink.block_dt`)
 
 
-class _InMemory:
-    """`project_in_memory` on a thread of its own while this one waits for Postgres to insert the range's trades
-    (waiting releases the GIL): the ~0.1 s of Python of a 95k-event range no longer comes after them."""
-
-    def __init__(self, chain_id: int, written: WrittenRange) -> None:
-        self._out: list[MemoryProjection | BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(chain_id, written), name="obp-memory-projection",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, chain_id: int, written: WrittenRange) -> None:
-        try:
-            self._out.append(project_in_memory(chain_id, written.events, written.block_time))
-        except BaseException as e:  # raised where the result is taken
-            self._out.append(e)
-
-    def result(self) -> MemoryProjection:
-        self._thread.join()
-        out = self._out[0]
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-
 def project_range(conn: Connection, chain_id: int, start: int, end: int,
                   written: WrittenRange | None = None) -> RangeProjection:
     """Every projection of one range: trades and the positions they move, then fill markets, then orders (trades
@@ -332,11 +308,16 @@ def project_range(conn: Connection, chain_id: int, start: int, end: int,
 def _project_range(conn: Connection, chain_id: int, start: int, end: int, written: WrittenRange | None,
                    clock: Laps) -> RangeProjection:
     p = _params(chain_id, start, end)
-    pending = _InMemory(chain_id, written) if written is not None else None
-    try:
-        trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
-    finally:
-        memory = pending.result() if pending is not None else None  # no thread outlives the range
+    # A fresh range's `project_in_memory` runs on a thread while this one waits for Postgres to insert the trades
+    # (waiting releases the GIL): its ~0.1 s of Python for 95k events no longer comes after them. Its error is the
+    # range's; leaving the pool joins the thread, so none outlives the range (a forked worker inherits none).
+    with ThreadPoolExecutor(1, thread_name_prefix="obp-memory-projection") as pool:
+        pending = (pool.submit(project_in_memory, chain_id, written.events, written.block_time)
+                   if written is not None else None)
+        try:
+            trades, positions = conn.execute(_TRADES_AND_POSITIONS, p).one()
+        finally:
+            memory = pending.result() if pending is not None else None
     clock.lap("trades_positions")
     if memory is None:
         moved = conn.execute(_FILL_MARKETS_OF_RANGE, p).rowcount

@@ -139,7 +139,9 @@ class EventSink:
             (chain_id, start, processed_to),
         ).fetchone()
         self.direct = stored is not None and not stored[0]
-        self.block_dt: dict[int, datetime] = {}  # converted once per block, not per row; also the projections'
+        # Block times of every header `add` was given, converted once per block: the rows', the blocks' and the
+        # in-memory projection's (`WrittenRange`).
+        self.block_dt: dict[int, datetime] = {}
         self.events: list[OrderEventRow] = []
         self.inserted = 0
         self._copy: psycopg.Copy | None = None
@@ -214,7 +216,8 @@ class EventSink:
 
     def finish(self, range_end: int, headers: dict[int, BlockHeader], rejected: list[Rejected],
                run_id: str | None) -> WriteResult:
-        """The rest of the range, after the guard: rejected logs, blocks, checkpoint (and fresh statistics)."""
+        """The rest of the range, after the guard: rejected logs, blocks, checkpoint (and fresh statistics).
+        `headers`: every header the windows gave `add`."""
         self.pause()
         self.laps.skip()
         check_logs_consistent(self.events, rejected, headers)
@@ -236,7 +239,7 @@ class EventSink:
             "SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[]) "
             "ON CONFLICT (chain_id, number) DO NOTHING",
             (self.chain_id, [h.number for h in hs], [h.hash for h in hs], [h.parent_hash for h in hs],
-             [_block_dt(h.timestamp) for h in hs]),
+             [self.block_dt[h.number] for h in hs]),
         )
         blocks_inserted = max(cur.rowcount, 0)
         last = headers[self.processed_to]
