@@ -251,10 +251,16 @@ _INVARIANTS: dict[str, str] = {
         SELECT market_id, block_number, log_index, buyer, seller FROM order_events
         WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind = 'trade'
           AND (buyer IS NULL OR seller IS NULL OR buyer = '' OR seller = '' OR market_id IS NULL)""",
+    # The range's fills first, then one `orders` key lookup each. Written as one anti join, Postgres merged both
+    # sides on the market alone (the order of the events' market index) and compared every fill with every order
+    # of its market: quadratic in a market's size, 0.51-0.54 s for the real mix's first range (28k fills against
+    # 30k orders) against 0.11 s this way (bench/realmix.py's chain).
     "fill_without_order": """
-        SELECT f.market_id, f.contract, f.order_id, f.block_number, f.log_index FROM order_events f
-        WHERE f.chain_id = :c AND f.block_number BETWEEN :s AND :e AND f.kind = 'fill'
-          AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.market_id = f.market_id AND o.chain_id = f.chain_id
+        WITH f AS MATERIALIZED (
+            SELECT market_id, chain_id, contract, order_id, block_number, log_index FROM order_events
+            WHERE chain_id = :c AND block_number BETWEEN :s AND :e AND kind = 'fill')
+        SELECT f.market_id, f.contract, f.order_id, f.block_number, f.log_index FROM f
+        WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.market_id = f.market_id AND o.chain_id = f.chain_id
                             AND o.contract = f.contract AND o.order_id = f.order_id)""",
 }
 
