@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from eth_abi import encode as abi_encode
+from sqlalchemy.engine import make_url
 from web3 import Web3
 
 from bench.common import (
@@ -60,7 +61,7 @@ from bench.common import (
 from orderbook_pipelines.config import PROJECT_ROOT, load_config
 from orderbook_pipelines.devchain.deploy import Deployment, deploy, project_config, write_config
 from orderbook_pipelines.ingestion.ranges import range_key, ranges_between
-from orderbook_pipelines.storage.db import engine_for
+from orderbook_pipelines.storage.db import drop_database, engine_for, ensure_database
 
 BIN = Path(sys.executable).parent
 ORDERBOOK = str(BIN / "orderbook")
@@ -360,16 +361,26 @@ def digest(db: str) -> str:
 
 def dagster_backfill(config_path: Path, db: str, keys: list[str], concurrency: int,
                      anvil_pid: int) -> dict[str, Any]:
-    """The partitions added to a throwaway Dagster instance, then one materialize process per partition."""
+    """The partitions added to a throwaway Dagster instance, then one materialize process per partition. The
+    instance keeps its runs and events in Postgres, as `make run`'s does (scripts/run.sh): every run process opens
+    that storage and writes its events there."""
     home = Path(tempfile.mkdtemp(prefix="obp-bench-dagster-"))
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    env = {**process_env(), "DAGSTER_HOME": str(home), "OBP_CONFIG": str(config_path), "DATABASE_URL": db}
-    subprocess.run([sys.executable, "-c", "import sys; from dagster import DagsterInstance; "
-                    "DagsterInstance.get().add_dynamic_partitions('block_ranges', sys.argv[1:])", *keys],
-                   env=env, check=True)
-    argvs = [[DAGSTER, "asset", "materialize", "-m", "orderbook_pipelines.definitions", "--select", INGEST_ASSETS,
-              "--partition", k] for k in keys]
-    return timed(argvs, env, concurrency, anvil_pid)
+    url = make_url(db)
+    storage = url.set(drivername="postgresql+psycopg2", database=f"{url.database}_dagster")
+    storage_url = storage.render_as_string(hide_password=False)
+    ensure_database(storage_url)
+    try:
+        (home / "dagster.yaml").write_text(json.dumps({"storage": {"postgres": {"postgres_url": storage_url}},
+                                                       "telemetry": {"enabled": False}}))  # JSON is YAML
+        env = {**process_env(), "DAGSTER_HOME": str(home), "OBP_CONFIG": str(config_path), "DATABASE_URL": db}
+        subprocess.run([sys.executable, "-c", "import sys; from dagster import DagsterInstance; "
+                        "DagsterInstance.get().add_dynamic_partitions('block_ranges', sys.argv[1:])", *keys],
+                       env=env, check=True)
+        argvs = [[DAGSTER, "asset", "materialize", "-m", "orderbook_pipelines.definitions", "--select",
+                  INGEST_ASSETS, "--partition", k] for k in keys]
+        return timed(argvs, env, concurrency, anvil_pid)
+    finally:
+        drop_database(storage_url)
 
 
 def main() -> None:
