@@ -249,6 +249,7 @@ def test_the_fill_check_looks_each_fill_up_once_however_large_its_markets(databa
     is measured is the work the plan does, not its time: the rows it discards in join filters stay below one per
     fill (the old query discarded 223,593 here)."""
     from orderbook_pipelines.quality.checks import _INVARIANTS, invariant_violations
+    from orderbook_pipelines.storage.writer import _analyze_grown
 
     markets, per_market = 20, 150
     fills = markets * per_market
@@ -274,9 +275,7 @@ def test_the_fill_check_looks_each_fill_up_once_however_large_its_markets(databa
                         THEN 'never-opened' ELSE g::text END, 4, '{}'
             FROM markets m CROSS JOIN generate_series(1, :n) g CROSS JOIN generate_series(0, 1) k"""),
                      {"n": per_market})
-        conn.execute(text("SET LOCAL default_statistics_target = 10"))  # as writer._analyze_grown does
-        conn.execute(text("ANALYZE order_events_b000000000000 (chain_id, block_number, kind, contract, order_id, "
-                          "market_id)"))
+        _analyze_grown(conn, 0, 10, 1_000_000, 2 * fills)  # what ingestion runs on a partition it grew
         if analyzed == "all":
             conn.execute(text("ANALYZE orders"))
     with engine_for(database).connect() as conn:
